@@ -1,0 +1,64 @@
+"""Functional ops of the segment interest model, with one switch between the PyTorch reference and the
+Triton kernels. The model calls only these; a user's own model variant gets the fast path by doing the same.
+
+    segfast.ops.set_backend("triton")        # process default
+    segfast.ops.cross_attention(..., backend="torch")   # per call
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from . import reference
+
+BACKENDS = ("torch", "triton")
+_default = "torch"
+
+
+def set_backend(name: str) -> None:
+    """Set the process default backend: "torch" (reference) or "triton" (fused kernels)."""
+    global _default
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+    _default = name
+
+
+def get_backend() -> str:
+    return _default
+
+
+def _resolve(backend: Optional[str]) -> str:
+    b = _default if backend is None else backend
+    if b not in BACKENDS:
+        raise ValueError(f"unknown backend {b!r}; expected one of {BACKENDS}")
+    return b
+
+
+def cross_attention(q1, k1, v1, mask1, q2, k2, v2, mask2, scale=None, backend: Optional[str] = None):
+    if _resolve(backend) == "triton":
+        from segfast.kernels import cross_attention as _k
+        return _k.cross_attention(q1, k1, v1, mask1, q2, k2, v2, mask2, scale=scale)
+    return reference.cross_attention(q1, k1, v1, mask1, q2, k2, v2, mask2, scale=scale)
+
+
+def segment_decoder(x, y, w_x, w_y, bias, fusion, pos_a, pos_c, backend: Optional[str] = None):
+    if _resolve(backend) == "triton":
+        from segfast.kernels import decoder_loss as _k
+        return _k.segment_decoder(x, y, w_x, w_y, bias, fusion, pos_a, pos_c)
+    return reference.segment_decoder(x, y, w_x, w_y, bias, fusion, pos_a, pos_c)
+
+
+def intra_video_loss(logits, target, kind="bpr-max", labels=None, slot_mask=None, backend: Optional[str] = None):
+    # The loss alone is cheap; the fused kernel is decode_and_loss.
+    return reference.intra_video_loss(logits, target, kind, labels, slot_mask)
+
+
+def decode_and_loss(x, y, w_x, w_y, bias, fusion, pos_a, pos_c, target, kind="bpr-max",
+                    labels=None, slot_mask=None, backend: Optional[str] = None):
+    if _resolve(backend) == "triton" and kind in ("bpr-max", "pairwise"):
+        from segfast.kernels import decoder_loss as _k
+        return _k.decode_and_loss(x, y, w_x, w_y, bias, fusion, pos_a, pos_c, target, kind=kind)
+    return reference.decode_and_loss(x, y, w_x, w_y, bias, fusion, pos_a, pos_c, target, kind, labels, slot_mask)
+
+
+__all__ = ["set_backend", "get_backend", "cross_attention", "segment_decoder", "intra_video_loss",
+           "decode_and_loss", "reference", "BACKENDS"]
