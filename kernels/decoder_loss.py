@@ -1,0 +1,518 @@
+"""Fused segment decoder + position bias + intra-video loss (SPEC sections 5-6), with its gradients.
+
+One Triton kernel (``_decoder_loss_kernel``) serves three uses, chosen by constexpr flags:
+
+* scoring      (``segment_decoder`` without grad): logits only.
+* training     (``decode_and_loss``): logits, per-row loss (bpr-max / pairwise), dlogits, and in the same
+  pass dx, dy (written per (row, slot) pair) and the weight gradients dw_x, dw_y, dbias, dfusion, dpos_a,
+  dpos_c, reduced through per-program partial buffers ``[n_programs, ...]`` that torch sums afterwards
+  (deterministic, no atomics).
+* chain        (backward through the logits): the gradient of the logits ``G [B, S]`` is given; the kernel
+  skips the forward and writes the same input / weight gradients for that ``G``.
+
+Layout of a program's tile: a *block* is ``BLOCK_B`` videos x ``BLOCK_S`` slots (``BLOCK_S`` = next power of 2
+of S, >= 16), flattened into ``M = BLOCK_B * BLOCK_S`` (row, slot) pairs so that every ``tl.dot`` has M >= 16
+rows. The grid is persistent: ``n_programs`` programs walk the blocks ``pid, pid + n_programs, ...``, so the
+weight-gradient partials are program-private accumulators (read-modify-write of the program's own slice).
+The per-row loss reshapes the [M] logits to [BLOCK_B, BLOCK_S].
+
+Autograd: ``decode_and_loss`` runs the training kernel in the forward and saves the gradients (already scaled by
+1 / n_kept); the backward multiplies them by ``grad_loss``. When the logits output also receives a gradient,
+the backward instead launches the chain kernel once with ``G = grad_loss * dlogits + grad_logits`` (dlogits is
+kept from the forward), which gives the exact total gradient. ``segment_decoder`` with autograd enabled and an
+input that requires grad goes through an autograd Function whose backward is the chain kernel.
+
+float64 inputs (gradcheck) fall back to the frozen reference (``segfast.ops.reference``).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+import triton
+import triton.language as tl
+
+try:  # shared helper of the kernels package, if its owner has written it
+    from ._common import is_interpreter as _common_is_interpreter  # type: ignore
+except Exception:  # pragma: no cover - depends on the other engineer's file
+    _common_is_interpreter = None
+
+__all__ = ["segment_decoder", "decode_and_loss", "POISON_OUTPUTS", "DOT_PRECISION", "LOSS_KINDS", "TUNE"]
+
+# Tests set this: output buffers (logits, dx, dy) start as NaN instead of uninitialised memory, so that an
+# element the kernel forgets to write shows up.
+POISON_OUTPUTS = False
+# tl.dot input precision on the GPU for the bilinear fusion: "tf32" (fast, ~1e-3 relative) or "ieee" (exact
+# fp32, several times slower). The interpreter always computes in exact fp32.
+DOT_PRECISION = "tf32"
+LOSS_KINDS = {"bpr-max": 1, "pairwise": 2}
+MAX_S = 128  # slots per row held in one tile (S = 40 normally; tested up to 64)
+# GPU tuning overrides merged into the launch config (keys: BLOCK_B, BK, BN, num_warps, max_programs); empty =
+# the defaults of ``_config``. For benchmarking block sizes without editing the kernel.
+TUNE: dict = {}
+
+
+def _interpreting() -> bool:
+    if _common_is_interpreter is not None:
+        try:
+            return bool(_common_is_interpreter())
+        except Exception:
+            pass
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the kernel
+# --------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _decoder_loss_kernel(
+    X, Y, WX, WY, BIAS, W, PA, PC, TGT, G, NKEEP,          # inputs (dummies where absent)
+    LOGITS, DLOG, DX, DY,                                   # per-pair outputs
+    DWX_P, DWY_P, DW_P, DB_P, DPA_P, DPC_P, LOSS_P,         # per-program partials
+    B, S, DXD, DYD, KH, NH, n_blocks, n_prog,
+    sxb, sxs, sxd, syb, sys, syd,
+    sdxb, sdxs, sdxd, sdyb, sdys, sdyd,
+    HAS_X: tl.constexpr, HAS_Y: tl.constexpr, FUSION: tl.constexpr, HF: tl.constexpr,
+    HAS_POS: tl.constexpr, COMPUTE_LOGITS: tl.constexpr, LOSS: tl.constexpr, GRADS: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    # LOSS: 0 = none (G given when GRADS), 1 = bpr-max, 2 = pairwise.
+    # HF is the number of fusion heads when FUSION, else 1 (then KH = DXD and NH = DYD).
+    M: tl.constexpr = BLOCK_B * BLOCK_S
+    pid = tl.program_id(0)
+
+    offs_m = tl.arange(0, M)                      # [M] pair index inside the block
+    ss = offs_m % BLOCK_S                         # [M] slot
+    bb = offs_m // BLOCK_S                        # [M] video inside the block
+    offs_k = tl.arange(0, BK)                     # [BK]
+    offs_n = tl.arange(0, BN)                     # [BN]
+    s2 = tl.arange(0, BLOCK_S)[None, :]           # [1, BLOCK_S]
+    b2 = tl.arange(0, BLOCK_B)[:, None]           # [BLOCK_B, 1]
+
+    dwx_base = DWX_P + pid.to(tl.int64) * DXD
+    dwy_base = DWY_P + pid.to(tl.int64) * DYD
+    dw_base = DW_P + pid.to(tl.int64) * (HF * KH * NH)
+
+    if LOSS > 0:
+        nk = tl.load(NKEEP).to(tl.float32)
+        inv_n = 1.0 / tl.maximum(nk, 1.0)
+
+    dbias_acc = tl.zeros([BLOCK_S], dtype=tl.float32)   # [BLOCK_S] sum over rows of g, per slot
+    loss_acc = tl.zeros([BLOCK_B], dtype=tl.float32)    # [BLOCK_B]
+
+    for blk in range(pid, n_blocks, n_prog):
+        row = blk * BLOCK_B + bb                          # [M]
+        pair_ok = (ss < S) & (row < B)                    # [M]
+        row64 = row.to(tl.int64)
+        ss64 = ss.to(tl.int64)
+        x_row = row64 * sxb + ss64 * sxs                  # [M] int64 offsets
+        y_row = row64 * syb + ss64 * sys
+        row2 = blk * BLOCK_B + b2                         # [BLOCK_B, 1]
+        ok2 = (s2 < S) & (row2 < B)                       # [BLOCK_B, BLOCK_S]
+        out2 = row2.to(tl.int64) * S + s2                 # [BLOCK_B, BLOCK_S] offsets in [B, S]
+
+        # ---------------------------------------------------------------- forward: logits
+        if COMPUTE_LOGITS:
+            logit = tl.zeros([M], dtype=tl.float32)                               # [M]
+            if HAS_X:
+                for kc in range(0, DXD, BK):
+                    cols = kc + offs_k                                            # [BK]
+                    cm = cols < DXD
+                    xt = tl.load(X + x_row[:, None] + cols[None, :].to(tl.int64) * sxd,
+                                 mask=pair_ok[:, None] & cm[None, :], other=0.0).to(tl.float32)  # [M, BK]
+                    wv = tl.load(WX + cols, mask=cm, other=0.0).to(tl.float32)    # [BK]
+                    logit += tl.sum(xt * wv[None, :], axis=1)
+            if HAS_Y:
+                for nc in range(0, DYD, BN):
+                    cols = nc + offs_n                                            # [BN]
+                    cm = cols < DYD
+                    yt = tl.load(Y + y_row[:, None] + cols[None, :].to(tl.int64) * syd,
+                                 mask=pair_ok[:, None] & cm[None, :], other=0.0).to(tl.float32)  # [M, BN]
+                    wv = tl.load(WY + cols, mask=cm, other=0.0).to(tl.float32)    # [BN]
+                    logit += tl.sum(yt * wv[None, :], axis=1)
+            if FUSION:
+                for h in range(HF):
+                    for nc in range(0, NH, BN):
+                        ncol = nc + offs_n                                        # [BN] inside head h
+                        nm = ncol < NH
+                        acc = tl.zeros([M, BN], dtype=tl.float32)                 # [M, BN] = x_h @ W_h
+                        for kc in range(0, KH, BK):
+                            kcol = kc + offs_k                                    # [BK] inside head h
+                            km = kcol < KH
+                            xt = tl.load(X + x_row[:, None] + (h * KH + kcol)[None, :].to(tl.int64) * sxd,
+                                         mask=pair_ok[:, None] & km[None, :], other=0.0).to(tl.float32)  # [M, BK]
+                            wt = tl.load(W + h * KH * NH + kcol[:, None] * NH + ncol[None, :],
+                                         mask=km[:, None] & nm[None, :], other=0.0).to(tl.float32)   # [BK, BN]
+                            acc += tl.dot(xt, wt, input_precision=PREC)
+                        yt = tl.load(Y + y_row[:, None] + (h * NH + ncol)[None, :].to(tl.int64) * syd,
+                                     mask=pair_ok[:, None] & nm[None, :], other=0.0).to(tl.float32)      # [M, BN]
+                        logit += tl.sum(acc * yt, axis=1)
+            logit += tl.load(BIAS).to(tl.float32)
+            if HAS_POS:
+                pa = tl.load(PA + ss, mask=ss < S, other=0.0).to(tl.float32)      # [M]
+                pc = tl.load(PC + ss, mask=ss < S, other=0.0).to(tl.float32)
+                logit += (ss + 1).to(tl.float32) * pa + pc
+            p2 = tl.reshape(logit, (BLOCK_B, BLOCK_S))                            # [BLOCK_B, BLOCK_S]
+            tl.store(LOGITS + out2, p2, mask=ok2)
+
+        # ---------------------------------------------------------------- loss and dlogits
+        if LOSS > 0:
+            row1 = blk * BLOCK_B + tl.arange(0, BLOCK_B)                          # [BLOCK_B]
+            tgt1 = tl.load(TGT + row1, mask=row1 < B, other=0)                   # [BLOCK_B] int64
+            keep1 = (tgt1 < S) & (tgt1 >= 0) & (row1 < B)                         # [BLOCK_B]
+            tgt = tgt1.to(tl.int32)[:, None]                                      # [BLOCK_B, 1]
+            keep = keep1[:, None]                                                 # [BLOCK_B, 1]
+            other = (s2 < S) & (s2 != tgt)                                        # [BLOCK_B, BLOCK_S]
+            is_y = s2 == tgt
+            p_y = tl.sum(tl.where(is_y, p2, 0.0), axis=1)                         # [BLOCK_B]
+            diff = p2 - p_y[:, None]                                              # [BLOCK_B, BLOCK_S]
+            sg = 1.0 / (1.0 + tl.exp(-diff))                                      # sigmoid(p_j - p_y)
+            if LOSS == 1:
+                pm = tl.where(other, p2, -1e30)
+                mx = tl.max(pm, axis=1)                                           # [BLOCK_B]
+                e = tl.where(other, tl.exp(pm - mx[:, None]), 0.0)
+                wsm = e / tl.sum(e, axis=1)[:, None]                              # softmax over j != y
+                ssum = tl.sum(wsm * sg, axis=1)                                   # [BLOCK_B]
+                sc = tl.minimum(tl.maximum(ssum, 1e-8), 1.0 - 1e-8)
+                row_loss = -tl.log(sc)
+                inside = (ssum >= 1e-8) & (ssum <= 1.0 - 1e-8)
+                coef = tl.where(inside, -1.0 / tl.where(inside, ssum, 1.0), 0.0)  # dL/dS, 0 when clamped
+                t1 = wsm * sg * (1.0 - sg)                                        # w_j s_j (1 - s_j)
+                d_other = coef[:, None] * (t1 + wsm * (sg - ssum[:, None]))
+                d_y = -coef * tl.sum(t1, axis=1)                                  # [BLOCK_B]
+            else:
+                # log sigmoid(d) = min(d, 0) - log(1 + exp(-|d|))
+                ls = tl.minimum(diff, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(diff)))
+                inv_s1 = 1.0 / (S - 1.0)
+                row_loss = -tl.sum(tl.where(other, ls, 0.0), axis=1) * inv_s1
+                om = tl.where(other, 1.0 - sg, 0.0)                               # sigmoid(-(p_j - p_y))
+                d_other = -om * inv_s1
+                d_y = tl.sum(om, axis=1) * inv_s1
+            dp = tl.where(other, d_other, 0.0) + tl.where(is_y, d_y[:, None], 0.0)
+            g2 = tl.where(keep & (s2 < S), dp * inv_n, 0.0)                       # [BLOCK_B, BLOCK_S]
+            loss_acc += tl.where(keep1, row_loss, 0.0)
+            if GRADS:
+                tl.store(DLOG + out2, g2, mask=ok2)
+        elif GRADS:
+            g2 = tl.load(G + out2, mask=ok2, other=0.0).to(tl.float32)            # [BLOCK_B, BLOCK_S]
+
+        # ---------------------------------------------------------------- gradients
+        if GRADS:
+            g = tl.reshape(g2, (M,))                                              # [M]
+            dbias_acc += tl.sum(g2, axis=0)
+            if HAS_X:
+                for h in range(HF):
+                    for kc in range(0, KH, BK):
+                        kcol = kc + offs_k                                        # [BK]
+                        km = kcol < KH
+                        xcol = (h * KH + kcol).to(tl.int64)
+                        xt = tl.load(X + x_row[:, None] + xcol[None, :] * sxd,
+                                     mask=pair_ok[:, None] & km[None, :], other=0.0).to(tl.float32)  # [M, BK]
+                        wv = tl.load(WX + xcol, mask=km, other=0.0).to(tl.float32)              # [BK]
+                        part = tl.load(dwx_base + xcol, mask=km, other=0.0)
+                        tl.store(dwx_base + xcol, part + tl.sum(g[:, None] * xt, axis=0), mask=km)
+                        acc = tl.zeros([M, BK], dtype=tl.float32)                 # [M, BK] = y_h @ W_h^T
+                        if FUSION:
+                            for nc in range(0, NH, BN):
+                                ncol = nc + offs_n                                # [BN]
+                                nm = ncol < NH
+                                yt = tl.load(Y + y_row[:, None] + (h * NH + ncol)[None, :].to(tl.int64) * syd,
+                                             mask=pair_ok[:, None] & nm[None, :], other=0.0).to(tl.float32)  # [M, BN]
+                                w_off = h * KH * NH + kcol[:, None] * NH + ncol[None, :]                   # [BK, BN]
+                                wmask = km[:, None] & nm[None, :]
+                                wt = tl.load(W + w_off, mask=wmask, other=0.0).to(tl.float32)              # [BK, BN]
+                                acc += tl.dot(yt, tl.trans(wt), input_precision=PREC)                    # [M, BK]
+                                gy = yt * g[:, None]                                                        # [M, BN]
+                                dwt = tl.dot(tl.trans(xt), gy, input_precision=PREC)                     # [BK, BN]
+                                part_w = tl.load(dw_base + w_off, mask=wmask, other=0.0)
+                                tl.store(dw_base + w_off, part_w + dwt, mask=wmask)
+                        dxt = g[:, None] * (wv[None, :] + acc)                                              # [M, BK]
+                        tl.store(DX + row64[:, None] * sdxb + ss64[:, None] * sdxs + xcol[None, :] * sdxd,
+                                 dxt.to(DX.dtype.element_ty), mask=pair_ok[:, None] & km[None, :])
+            if HAS_Y:
+                for h in range(HF):
+                    for nc in range(0, NH, BN):
+                        ncol = nc + offs_n                                        # [BN]
+                        nm = ncol < NH
+                        ycol = (h * NH + ncol).to(tl.int64)
+                        yt = tl.load(Y + y_row[:, None] + ycol[None, :] * syd,
+                                     mask=pair_ok[:, None] & nm[None, :], other=0.0).to(tl.float32)  # [M, BN]
+                        wv = tl.load(WY + ycol, mask=nm, other=0.0).to(tl.float32)              # [BN]
+                        part = tl.load(dwy_base + ycol, mask=nm, other=0.0)
+                        tl.store(dwy_base + ycol, part + tl.sum(g[:, None] * yt, axis=0), mask=nm)
+                        acc = tl.zeros([M, BN], dtype=tl.float32)                 # [M, BN] = x_h @ W_h
+                        if FUSION:
+                            for kc in range(0, KH, BK):
+                                kcol = kc + offs_k                                # [BK]
+                                km = kcol < KH
+                                xt = tl.load(X + x_row[:, None] + (h * KH + kcol)[None, :].to(tl.int64) * sxd,
+                                             mask=pair_ok[:, None] & km[None, :], other=0.0).to(tl.float32)  # [M, BK]
+                                wt = tl.load(W + h * KH * NH + kcol[:, None] * NH + ncol[None, :],
+                                             mask=km[:, None] & nm[None, :], other=0.0).to(tl.float32)   # [BK, BN]
+                                acc += tl.dot(xt, wt, input_precision=PREC)
+                        dyt = g[:, None] * (wv[None, :] + acc)                                              # [M, BN]
+                        tl.store(DY + row64[:, None] * sdyb + ss64[:, None] * sdys + ycol[None, :] * sdyd,
+                                 dyt.to(DY.dtype.element_ty), mask=pair_ok[:, None] & nm[None, :])
+
+    # ---------------------------------------------------------------- per-program partials (written once)
+    offs_s = tl.arange(0, BLOCK_S)
+    if GRADS:
+        tl.store(DB_P + pid, tl.sum(dbias_acc, axis=0))
+        if HAS_POS:
+            sm = offs_s < S
+            tl.store(DPC_P + pid.to(tl.int64) * S + offs_s, dbias_acc, mask=sm)
+            tl.store(DPA_P + pid.to(tl.int64) * S + offs_s, dbias_acc * (offs_s + 1).to(tl.float32), mask=sm)
+    if LOSS > 0:
+        tl.store(LOSS_P + pid, tl.sum(loss_acc, axis=0))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# launcher
+# --------------------------------------------------------------------------------------------------------------
+def _config(S: int, KH: int, NH: int, device: torch.device):
+    """Block sizes, warps and program count. Interpreter: small blocks (cheap programs, tests the persistent
+    loop with several blocks per program); GPU: ~128 pairs per block, 32-wide feature chunks."""
+    block_s = max(16, _next_pow2(S))
+    bk = max(16, min(32, _next_pow2(KH)))
+    bn = max(16, min(32, _next_pow2(NH)))
+    if _interpreting() or device.type != "cuda":
+        return dict(BLOCK_B=2 if block_s <= 64 else 1, BLOCK_S=block_s, BK=bk, BN=bn, num_warps=4, num_stages=2,
+                    max_programs=4)
+    n_sm = torch.cuda.get_device_properties(device).multi_processor_count
+    # M = 128 pairs, 8 warps, 32-wide chunks: compiled for sm_90 (triton 3.6) at 241-254 registers, no spills;
+    # M = 256 spills (stack 184-688 B). See csrc_notes/decoder_loss.md.
+    cfg = dict(BLOCK_B=max(1, 128 // block_s), BLOCK_S=block_s, BK=bk, BN=bn, num_warps=8, num_stages=2,
+               max_programs=n_sm)
+    cfg.update(TUNE)
+    return cfg
+
+
+def _poisoned(shape, dtype, device) -> Tensor:
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _check(x, y, w_x, w_y, bias, fusion, pos_a, pos_c):
+    if x is None and y is None:
+        raise ValueError("segment_decoder needs at least one modality")
+    ref = x if x is not None else y
+    if ref.dim() != 3:
+        raise ValueError(f"x / y must be [B, S, d], got {tuple(ref.shape)}")
+    B, S = ref.shape[0], ref.shape[1]
+    if x is not None and y is not None and tuple(y.shape[:2]) != (B, S):
+        raise ValueError("x and y must share [B, S]")
+    if x is not None and (w_x is None or w_x.shape != (x.shape[2],)):
+        raise ValueError("w_x must be [dx]")
+    if y is not None and (w_y is None or w_y.shape != (y.shape[2],)):
+        raise ValueError("w_y must be [dy]")
+    if fusion is not None:
+        if x is None or y is None:
+            raise ValueError("the bilinear fusion needs both modalities")
+        hf = fusion.shape[0]
+        if x.shape[2] % hf or y.shape[2] % hf or tuple(fusion.shape) != (hf, x.shape[2] // hf, y.shape[2] // hf):
+            raise ValueError("fusion must be [Hf, dx/Hf, dy/Hf]")
+    if (pos_a is None) != (pos_c is None):
+        raise ValueError("pos_a and pos_c go together")
+    if pos_a is not None and (pos_a.shape != (S,) or pos_c.shape != (S,)):
+        raise ValueError("pos_a / pos_c must be [S]")
+    if S > MAX_S:
+        raise ValueError(f"at most {MAX_S} slots per row")
+    return B, S
+
+
+def _launch(x, y, w_x, w_y, bias, fusion, pos_a, pos_c, *, target=None, G=None, loss=0,
+            compute_logits=True, grads=False):
+    """Run the kernel once; returns a dict of the requested outputs (gradients un-reduced over programs are
+    summed here, in torch, in a fixed order)."""
+    B, S = _check(x, y, w_x, w_y, bias, fusion, pos_a, pos_c)
+    ref = x if x is not None else y
+    dev = ref.device
+    f32 = torch.float32
+    has_x, has_y, has_f, has_pos = x is not None, y is not None, fusion is not None, pos_a is not None
+    DXD = x.shape[2] if has_x else 0
+    DYD = y.shape[2] if has_y else 0
+    HF = fusion.shape[0] if has_f else 1
+    KH, NH = (DXD // HF, DYD // HF) if has_f else (DXD, DYD)
+    cfg = _config(S, max(KH, 1), max(NH, 1), dev)
+    BLOCK_B = cfg["BLOCK_B"]
+    n_blocks = triton.cdiv(B, BLOCK_B)
+    n_prog = max(1, min(n_blocks, cfg["max_programs"]))
+
+    dummy = torch.zeros(1, dtype=f32, device=dev)
+    Xa = x if has_x else dummy
+    Ya = y if has_y else dummy
+    WXa = w_x.contiguous() if has_x else dummy
+    WYa = w_y.contiguous() if has_y else dummy
+    Wa = fusion.contiguous() if has_f else dummy
+    PAa = pos_a.contiguous() if has_pos else dummy
+    PCa = pos_c.contiguous() if has_pos else dummy
+    bias_t = bias.reshape(1) if torch.is_tensor(bias) else torch.full((1,), float(bias), dtype=f32, device=dev)
+    if loss > 0:
+        tgt = target.to(device=dev, dtype=torch.int64).contiguous()
+        if tgt.shape != (B,):
+            raise ValueError("target must be [B]")
+        nkeep = ((tgt >= 0) & (tgt < S)).sum().reshape(1)
+    else:
+        tgt = torch.zeros(1, dtype=torch.int64, device=dev)
+        nkeep = torch.zeros(1, dtype=torch.int64, device=dev)
+    Ga = G.to(f32).contiguous() if G is not None else dummy
+
+    logits = _poisoned((B, S), f32, dev) if compute_logits else dummy
+    dlog = _poisoned((B, S), f32, dev) if (grads and loss > 0) else dummy
+    dx = _poisoned(x.shape, x.dtype, dev) if (grads and has_x) else dummy
+    dy = _poisoned(y.shape, y.dtype, dev) if (grads and has_y) else dummy
+    dwx_p = torch.zeros((n_prog, DXD), dtype=f32, device=dev) if (grads and has_x) else dummy
+    dwy_p = torch.zeros((n_prog, DYD), dtype=f32, device=dev) if (grads and has_y) else dummy
+    dw_p = torch.zeros((n_prog, HF, KH, NH), dtype=f32, device=dev) if (grads and has_f) else dummy
+    db_p = torch.zeros((n_prog,), dtype=f32, device=dev) if grads else dummy
+    dpa_p = torch.zeros((n_prog, S), dtype=f32, device=dev) if (grads and has_pos) else dummy
+    dpc_p = torch.zeros((n_prog, S), dtype=f32, device=dev) if (grads and has_pos) else dummy
+    loss_p = torch.zeros((n_prog,), dtype=f32, device=dev) if loss > 0 else dummy
+
+    sx = x.stride() if has_x else (0, 0, 0)
+    sy = y.stride() if has_y else (0, 0, 0)
+    sdx = dx.stride() if (grads and has_x) else (0, 0, 0)
+    sdy = dy.stride() if (grads and has_y) else (0, 0, 0)
+
+    if B > 0:
+        _decoder_loss_kernel[(n_prog,)](
+            Xa, Ya, WXa, WYa, bias_t, Wa, PAa, PCa, tgt, Ga, nkeep,
+            logits, dlog, dx, dy,
+            dwx_p, dwy_p, dw_p, db_p, dpa_p, dpc_p, loss_p,
+            B, S, DXD, DYD, KH, NH, n_blocks, n_prog,
+            sx[0], sx[1], sx[2], sy[0], sy[1], sy[2],
+            sdx[0], sdx[1], sdx[2], sdy[0], sdy[1], sdy[2],
+            HAS_X=has_x, HAS_Y=has_y, FUSION=has_f, HF=HF, HAS_POS=has_pos,
+            COMPUTE_LOGITS=compute_logits, LOSS=loss, GRADS=grads,
+            BLOCK_B=BLOCK_B, BLOCK_S=cfg["BLOCK_S"], BK=cfg["BK"], BN=cfg["BN"],
+            PREC=DOT_PRECISION, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+
+    out = {}
+    if compute_logits:
+        out["logits"] = logits
+    if loss > 0:
+        out["loss"] = loss_p.sum() / nkeep[0].clamp_min(1).to(f32)
+    if grads:
+        if loss > 0:
+            out["dlogits"] = dlog
+        out["dx"] = dx if has_x else None
+        out["dy"] = dy if has_y else None
+        out["dw_x"] = dwx_p.sum(0).to(w_x.dtype) if has_x else None
+        out["dw_y"] = dwy_p.sum(0).to(w_y.dtype) if has_y else None
+        out["dfusion"] = dw_p.sum(0).to(fusion.dtype) if has_f else None
+        out["dbias"] = db_p.sum().reshape(bias.shape).to(bias.dtype) if torch.is_tensor(bias) else None
+        out["dpos_a"] = dpa_p.sum(0).to(pos_a.dtype) if has_pos else None
+        out["dpos_c"] = dpc_p.sum(0).to(pos_c.dtype) if has_pos else None
+    return out
+
+
+_GRAD_KEYS = ("dx", "dy", "dw_x", "dw_y", "dbias", "dfusion", "dpos_a", "dpos_c")
+
+
+def _chain(inputs, G: Tensor):
+    """Gradients of every input for a given dL/dlogits ``G [B, S]`` (the chain kernel)."""
+    out = _launch(*inputs, G=G, compute_logits=False, grads=True)
+    return tuple(out[k] for k in _GRAD_KEYS)
+
+
+def _mask_needed(ctx, grads):
+    # order of the Function inputs: x, y, w_x, w_y, bias, fusion, pos_a, pos_c
+    return tuple(g if (g is not None and need) else None for g, need in zip(grads, ctx.needs_input_grad[:8]))
+
+
+class _DecodeAndLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, y, w_x, w_y, bias, fusion, pos_a, pos_c, target, kind):
+        inputs = (x, y, w_x, w_y, bias, fusion, pos_a, pos_c)
+        out = _launch(*inputs, target=target, loss=LOSS_KINDS[kind], grads=True)
+        ctx.set_materialize_grads(False)
+        ctx.inputs = inputs  # saved by reference (not save_for_backward: the chain path re-reads x, y)
+        ctx.dlogits = out["dlogits"]
+        ctx.grads = tuple(out[k] for k in _GRAD_KEYS)
+        return out["logits"], out["loss"]
+
+    @staticmethod
+    def backward(ctx, grad_logits, grad_loss):
+        if grad_logits is None:
+            if grad_loss is None:
+                return (None,) * 10
+            grads = tuple(None if g is None else g * grad_loss.to(g.dtype) for g in ctx.grads)
+        else:
+            G = grad_logits.to(torch.float32)
+            if grad_loss is not None:
+                G = G + ctx.dlogits * grad_loss.to(torch.float32)
+            grads = _chain(ctx.inputs, G)
+        return _mask_needed(ctx, grads) + (None, None)
+
+
+class _SegmentDecoder(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, y, w_x, w_y, bias, fusion, pos_a, pos_c):
+        inputs = (x, y, w_x, w_y, bias, fusion, pos_a, pos_c)
+        ctx.inputs = inputs
+        ctx.set_materialize_grads(False)
+        return _launch(*inputs)["logits"]
+
+    @staticmethod
+    def backward(ctx, grad_logits):
+        if grad_logits is None:
+            return (None,) * 8
+        return _mask_needed(ctx, _chain(ctx.inputs, grad_logits))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# public API (called by segfast.ops when backend == "triton")
+# --------------------------------------------------------------------------------------------------------------
+def _has_f64(*ts) -> bool:
+    return any(torch.is_tensor(t) and t.dtype == torch.float64 for t in ts)
+
+
+def _needs_grad(*ts) -> bool:
+    return torch.is_grad_enabled() and any(torch.is_tensor(t) and t.requires_grad for t in ts)
+
+
+def segment_decoder(x, y, w_x, w_y, bias, fusion, pos_a, pos_c) -> Tensor:
+    """Logits [B, S] fp32 of the segment decoder with position bias (see ``reference.segment_decoder``).
+
+    Without grad: one scoring kernel (forward only). With autograd on and an input requiring grad: an autograd
+    Function whose backward is the chain kernel. float64: the reference.
+    """
+    args = (x, y, w_x, w_y, bias, fusion, pos_a, pos_c)
+    if _has_f64(*args):
+        from segfast.ops import reference
+        return reference.segment_decoder(*args)
+    if _needs_grad(*args):
+        return _SegmentDecoder.apply(*args)
+    return _launch(*args)["logits"]
+
+
+def decode_and_loss(x, y, w_x, w_y, bias, fusion, pos_a, pos_c, target, kind: str = "bpr-max"):
+    """Fused decoder + intra-video loss: returns (logits [B, S] fp32, loss [] fp32).
+
+    ``kind``: "bpr-max" or "pairwise". Rows with target >= S are excluded; loss 0 (and zero gradients) when no
+    row is kept. Gradients are computed in the forward pass; backward through the loss scales them, backward
+    through the logits runs the chain kernel.
+    """
+    if kind not in LOSS_KINDS:
+        raise ValueError(f"the fused kernel supports {tuple(LOSS_KINDS)}, not {kind!r}")
+    args = (x, y, w_x, w_y, bias, fusion, pos_a, pos_c)
+    if _has_f64(*args):
+        from segfast.ops import reference
+        return reference.decode_and_loss(*args, target, kind)
+    ref = x if x is not None else y
+    if ref is not None and ref.shape[1] < 2:
+        raise ValueError("the intra-video loss needs S >= 2 slots")
+    if not _needs_grad(*args):
+        out = _launch(*args, target=target, loss=LOSS_KINDS[kind], grads=False)
+        return out["logits"], out["loss"]
+    return _DecodeAndLoss.apply(*args, target, kind)

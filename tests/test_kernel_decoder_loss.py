@@ -1,0 +1,368 @@
+"""Fused decoder + intra-video loss kernel (kernels/decoder_loss.py) vs the frozen reference.
+
+Every case checks the logits, the loss and the gradient of every input (x, y, w_x, w_y, bias, fusion, pos_a,
+pos_c) against torch autograd through ``segfast.ops.reference.decode_and_loss``. Output buffers are
+NaN-poisoned (``POISON_OUTPUTS``) so that an element the kernel fails to write is caught.
+
+Tolerance table: error = max |got - want| / max(max |want|, 1e-2) (normalised max error; floor 1 for dbias,
+which is a cancelling sum ~0 for the loss alone), per input dtype.
+The reference always runs in fp32 on the fp32 upcast of the very same (possibly 16-bit) input values, so the
+only 16-bit error left is the rounding of dx / dy to the input dtype on store.
+
+| inputs | where            | logits / loss | gradients | why                                        |
+|--------|------------------|---------------|-----------|--------------------------------------------|
+| fp32   | CPU interpreter  | 5e-5          | 5e-5      | fp32 math, summation order only            |
+| fp32   | GPU (tf32 dots)  | 5e-3          | 5e-3      | tl.dot in tf32 (10-bit mantissa)           |
+| fp16   | any              | 5e-3          | 2e-3      | dx, dy rounded to fp16 (2^-11) + tf32 dots |
+| bf16   | any              | 5e-3          | 1e-2      | dx, dy rounded to bf16 (2^-8)              |
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from segfast.ops import reference as R
+from segfast.kernels import decoder_loss as K
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+NAMES = ("x", "y", "w_x", "w_y", "bias", "fusion", "pos_a", "pos_c")
+
+TOL = {  # input dtype -> (logits / loss, gradients); see the table above
+    torch.float32: (5e-3, 5e-3) if CUDA else (5e-5, 5e-5),
+    torch.float16: (5e-3, 5e-3),
+    torch.bfloat16: (5e-3, 1e-2),
+}
+
+
+@pytest.fixture(autouse=True)
+def _poison():
+    old = K.POISON_OUTPUTS
+    K.POISON_OUTPUTS = True
+    yield
+    K.POISON_OUTPUTS = old
+
+
+def _err(got, want, floor=1e-2):
+    got, want = got.double(), want.double()
+    return ((got - want).abs().max() / want.abs().max().clamp_min(floor)).item() if want.numel() else 0.0
+
+
+def _check(name, got, want, tol):
+    assert got is not None and want is not None, name
+    assert got.shape == want.shape, (name, got.shape, want.shape)
+    assert torch.isfinite(got).all(), f"{name}: non-finite values (unwritten poisoned output?)"
+    # dbias = sum of dlogits is ~0 for the loss (shift invariance): normalise by its natural scale, 1
+    e = _err(got, want, floor=1.0 if name == "dbias" else 1e-2)
+    assert e <= tol, f"{name}: normalised max error {e:.3g} > {tol:g}"
+
+
+def make(B=5, S=40, dx=32, dy=32, hf=2, mods="xy", pos=True, dtype=torch.float32, wdtype=torch.float32,
+         noncontig=False, seed=0, target=None):
+    g = torch.Generator().manual_seed(seed)
+
+    def rn(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g) * scale
+
+    def feat(d):
+        if noncontig:  # [B, d, S] transposed: slot stride 1, feature stride S
+            return rn(B, d, S).to(dtype).to(DEV).transpose(1, 2)
+        return rn(B, S, d).to(dtype).to(DEV)
+
+    x = feat(dx) if "x" in mods else None
+    y = feat(dy) if "y" in mods else None
+    w_x = (rn(dx, scale=0.3).to(wdtype).to(DEV)) if x is not None else None
+    w_y = (rn(dy, scale=0.3).to(wdtype).to(DEV)) if y is not None else None
+    bias = rn(()).to(wdtype).to(DEV)
+    fusion = rn(hf, dx // hf, dy // hf, scale=0.1).to(wdtype).to(DEV) if (hf and x is not None and y is not None) \
+        else None
+    pos_a = rn(S, scale=0.05).to(wdtype).to(DEV) if pos else None
+    pos_c = rn(S).to(wdtype).to(DEV) if pos else None
+    if target is None:
+        target = torch.randint(0, S + 1, (B,), generator=g)
+    return [x, y, w_x, w_y, bias, fusion, pos_a, pos_c], target.to(DEV)
+
+
+def _leaves(ins, upcast=False):
+    out = []
+    for t in ins:
+        if t is None:
+            out.append(None)
+            continue
+        t = t.detach()
+        if upcast:
+            t = t.float()
+        out.append(t.requires_grad_())
+    return out
+
+
+def run_kernel(ins, target, kind, grad_logits=None, loss_weight=1.0):
+    leaves = _leaves(ins)
+    logits, loss = K.decode_and_loss(*leaves, target, kind=kind)
+    obj = loss * loss_weight
+    if grad_logits is not None:
+        obj = obj + (logits * grad_logits).sum()
+    req = [t for t in leaves if t is not None]
+    gs = iter(torch.autograd.grad(obj, req, allow_unused=True))
+    grads = [None if t is None else next(gs) for t in leaves]
+    return logits.detach(), loss.detach(), grads
+
+
+def run_reference(ins, target, kind, grad_logits=None, loss_weight=1.0):
+    leaves = _leaves(ins, upcast=True)
+    logits, loss = R.decode_and_loss(*leaves, target, kind)
+    obj = loss * loss_weight
+    if grad_logits is not None:
+        obj = obj + (logits * grad_logits).sum()
+    req = [t for t in leaves if t is not None]
+    gs = iter(torch.autograd.grad(obj, req, allow_unused=True))
+    grads = [None if t is None else next(gs) for t in leaves]
+    return logits.detach(), loss.detach(), grads
+
+
+def compare(ins, target, kind="bpr-max", grad_logits=None, loss_weight=1.0, tol_scale=1.0):
+    dtype = (ins[0] if ins[0] is not None else ins[1]).dtype
+    tol_f, tol_g = (tol_scale * v for v in TOL[dtype])
+    lk, Lk, gk = run_kernel(ins, target, kind, grad_logits, loss_weight)
+    lr, Lr, gr = run_reference(ins, target, kind, grad_logits, loss_weight)
+    assert lk.dtype == torch.float32 and Lk.dtype == torch.float32 and Lk.dim() == 0
+    _check("logits", lk, lr, tol_f)
+    _check("loss", Lk.reshape(1), Lr.reshape(1), tol_f)
+    for name, inp, a, b in zip(NAMES, ins, gk, gr):
+        if inp is None:
+            continue
+        assert a.dtype == inp.dtype, (name, a.dtype, inp.dtype)
+        _check("d" + name, a, b, tol_g)
+    return lk, Lk, gk
+
+
+# ---------------------------------------------------------------------------------------------------- cases
+@pytest.mark.parametrize("kind", ["bpr-max", "pairwise"])
+def test_full_both_fusion_pos(kind):
+    ins, t = make(B=5)
+    compare(ins, t, kind)
+
+
+@pytest.mark.parametrize("mods", ["x", "y"])
+def test_single_modality(mods):
+    ins, t = make(B=4, dx=48, dy=16, mods=mods)
+    compare(ins, t, "bpr-max")
+
+
+def test_both_without_fusion_and_without_pos():
+    ins, t = make(B=4, dx=32, dy=64, hf=0, pos=False)
+    compare(ins, t, "pairwise")
+
+
+def test_no_position_bias_odd_dims():
+    # dx != dy, head dims 24 / 40: not multiples of the 32-wide chunks, masked columns
+    ins, t = make(B=3, dx=48, dy=80, hf=2, pos=False)
+    compare(ins, t, "bpr-max")
+
+
+def test_batch_of_one():
+    ins, t = make(B=1, target=torch.tensor([7]))
+    compare(ins, t, "bpr-max")
+
+
+def test_excluded_rows_and_edge_targets():
+    t = torch.tensor([40, 0, 39, 40, 12, 0])  # target == S excluded; 0 and S-1 kept
+    ins, t = make(B=6, target=t)
+    compare(ins, t, "bpr-max")
+    compare(ins, t, "pairwise")
+
+
+@pytest.mark.parametrize("kind", ["bpr-max", "pairwise"])
+def test_all_rows_excluded(kind):
+    ins, t = make(B=3, target=torch.tensor([40, 40, 41]))
+    lk, Lk, gk = compare(ins, t, kind)
+    assert Lk.item() == 0.0
+    for name, a in zip(NAMES, gk):
+        if a is not None:
+            assert torch.count_nonzero(a) == 0, name
+
+
+def test_bpr_max_clamped_regime():
+    # huge target logits: sum_j w_j sigmoid(p_j - p_y) underflows below 1e-8 -> clamped, zero gradient;
+    # huge other logits: the sum reaches 1 - 1e-8 -> clamped at the top too. Rows 2, 3 are ordinary.
+    S = 40
+    t = torch.tensor([5, 9, 3, 11])
+    ins, t = make(B=4, S=S, target=t)
+    x, y, w_x, w_y, bias, fusion, pos_a, pos_c = ins
+    # per-row extremes through the features of the target slot (row 0) / of every other slot (row 1)
+    x = x.clone()
+    x[0, 5] = 0
+    x[0, 5, 0] = 400.0 / float(w_x[0])  # p_y ~ +400
+    x[1] = 0
+    x[1, :, 0] = 400.0 / float(w_x[0])
+    x[1, 9, 0] = -400.0 / float(w_x[0])  # p_y ~ -400, others ~ +400
+    ins[0] = x
+    ins[5] = None  # no fusion: keep the extreme logits exactly where we put them
+    # features of magnitude ~1e3 make dw_x a cancelling sum: 10x the table's tolerance
+    _, Lk, gk = compare(ins, t, "bpr-max", tol_scale=10.0)
+    assert torch.isfinite(Lk)
+    assert torch.count_nonzero(gk[0][0]) == 0  # clamped below 1e-8: exactly zero gradient
+    # 1 - 1e-8 rounds to 1.0 in fp32, so the top "clamp" never cuts the gradient; it is ~0 (rounding noise)
+    assert gk[0][1].abs().max() < 1e-6
+
+
+def test_pairwise_extreme_logits():
+    ins, t = make(B=3, target=torch.tensor([1, 2, 3]))
+    ins[7] = ins[7] * 200.0  # pos_c spreads logits over +-600: logsigmoid must stay finite
+    compare(ins, t, "pairwise")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs(dtype):
+    ins, t = make(B=4, dtype=dtype)
+    compare(ins, t, "bpr-max")
+
+
+def test_half_weights_too():
+    ins, t = make(B=3, dtype=torch.bfloat16, wdtype=torch.bfloat16)
+    compare(ins, t, "pairwise")
+
+
+def test_non_contiguous_inputs():
+    ins, t = make(B=4, noncontig=True)
+    assert not ins[0].is_contiguous() and not ins[1].is_contiguous()
+    compare(ins, t, "bpr-max")
+
+
+@pytest.mark.parametrize("S", [7, 64])
+def test_other_slot_counts(S):
+    ins, t = make(B=3, S=S, dx=32, dy=32)
+    compare(ins, t, "bpr-max")
+
+
+def test_deterministic():
+    ins, t = make(B=9)
+    a = run_kernel(ins, t, "bpr-max")
+    b = run_kernel(ins, t, "bpr-max")
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    for ga, gb in zip(a[2], b[2]):
+        assert (ga is None and gb is None) or torch.equal(ga, gb)
+
+
+def test_grad_through_logits_and_loss():
+    ins, t = make(B=4)
+    gl = torch.randn(4, 40, generator=torch.Generator().manual_seed(3)).to(DEV)
+    compare(ins, t, "bpr-max", grad_logits=gl, loss_weight=0.7)
+
+
+def test_grad_through_logits_only():
+    ins, t = make(B=4)
+    gl = torch.randn(4, 40, generator=torch.Generator().manual_seed(4)).to(DEV)
+    compare(ins, t, "pairwise", grad_logits=gl, loss_weight=0.0)
+
+
+def test_segment_decoder_scoring_and_grad():
+    ins, _ = make(B=5, noncontig=True)
+    with torch.no_grad():
+        lk = K.segment_decoder(*ins)
+    lr = R.segment_decoder(*[None if v is None else v.float() for v in ins])
+    _check("scoring logits", lk, lr, TOL[torch.float32][0])
+    # autograd path: backward is the chain kernel
+    gl = torch.randn(5, 40, generator=torch.Generator().manual_seed(5)).to(DEV)
+    a, b = _leaves(ins), _leaves(ins, upcast=True)
+    ga = torch.autograd.grad((K.segment_decoder(*a) * gl).sum(), [v for v in a if v is not None])
+    gb = torch.autograd.grad((R.segment_decoder(*b) * gl).sum(), [v for v in b if v is not None])
+    for name, u, v in zip([n for n, t in zip(NAMES, ins) if t is not None], ga, gb):
+        _check("d" + name, u, v, TOL[torch.float32][1])
+
+
+def test_no_grad_training_call_and_dispatcher():
+    import segfast.ops as ops
+
+    ins, t = make(B=3)
+    with torch.no_grad():
+        lk, Lk = ops.decode_and_loss(*ins, t, kind="pairwise", backend="triton")
+    lr, Lr = R.decode_and_loss(*ins, t, "pairwise")
+    _check("logits", lk, lr, TOL[torch.float32][0])
+    _check("loss", Lk.reshape(1), Lr.reshape(1), TOL[torch.float32][0])
+
+
+def test_float64_falls_back_to_reference():
+    ins, t = make(B=2)
+    ins = [None if v is None else v.double() for v in ins]
+    lk, Lk = K.decode_and_loss(*ins, t, kind="bpr-max")
+    assert lk.dtype == torch.float64
+
+
+# ---------------------------------------------------------------------------------------------------- GPU scale
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["bpr-max", "pairwise"])
+def test_gpu_paper_code_shapes(dtype, kind):
+    ins, t = make(B=1024, S=40, dx=512, dy=512, hf=2, dtype=dtype)
+    compare(ins, t, kind)
+
+
+@pytest.mark.gpu
+def test_gpu_paper_code_grad_logits_and_determinism():
+    ins, t = make(B=1024, S=40, dx=512, dy=512, hf=2, dtype=torch.bfloat16)
+    gl = torch.randn(1024, 40, device=DEV)
+    compare(ins, t, "bpr-max", grad_logits=gl)
+    a, b = run_kernel(ins, t, "bpr-max"), run_kernel(ins, t, "bpr-max")
+    for ga, gb in zip(a[2], b[2]):
+        assert torch.equal(ga, gb)
+
+
+# ---------------------------------------------------------------------------------------------------- sm_90 compile
+_PTRS_F32 = ("WX", "WY", "BIAS", "W", "PA", "PC", "G", "LOGITS", "DLOG", "DWX_P", "DWY_P", "DW_P", "DB_P",
+             "DPA_P", "DPC_P", "LOSS_P")
+
+
+def _compile_sm90(xdt, **consts):
+    """Ahead-of-time compile of the kernel for an H100 (sm_90) with the bundled ptxas: no GPU needed. Returns the
+    cubin's register count and stack (spill) bytes."""
+    import re
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    k = K._decoder_loss_kernel
+    fn = k if isinstance(k, JITFunction) else JITFunction(k.fn)  # the interpreter wraps the function
+    sig = {n: "i32" for n in fn.arg_names}
+    sig.update({n: xdt for n in ("X", "Y", "DX", "DY")})
+    sig.update({n: "*fp32" for n in _PTRS_F32})
+    sig.update(TGT="*i64", NKEEP="*i64")
+    base = dict(HAS_X=True, HAS_Y=True, FUSION=True, HF=2, HAS_POS=True, COMPUTE_LOGITS=True, LOSS=1, GRADS=True,
+                BLOCK_B=2, BLOCK_S=64, BK=32, BN=32, PREC="tf32")
+    base.update(consts)
+    sig.update({n: "constexpr" for n in base})
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(n),): v for n, v in base.items()})
+    cc = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, num_stages=2))
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists() and shutil.which("cuobjdump") is None:
+        return None, None
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cc.asm["cubin"])
+        f.flush()
+        out = subprocess.run([str(tool if tool.exists() else "cuobjdump"), "--dump-resource-usage", f.name],
+                             capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else (None, None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["train", "chain"])
+def test_compiles_for_sm90_without_spills(mode):
+    """Paper-code configuration (S=40 -> BLOCK_S=64, BLOCK_B=2, bf16, fusion, 8 warps) builds for sm_90."""
+    pytest.importorskip("triton.backends.nvidia")
+    consts = {} if mode == "train" else dict(LOSS=0, COMPUTE_LOGITS=False)
+    try:
+        regs, stack = _compile_sm90("*bf16", **consts)
+    except (RuntimeError, FileNotFoundError, OSError) as e:  # no ptxas usable on this machine
+        if "ptxas" in str(e).lower():
+            pytest.skip(f"no usable ptxas: {e}")
+        raise
+    if regs is not None:
+        assert regs <= 255 and stack == 0, (regs, stack)
