@@ -1,0 +1,155 @@
+"""The `segfast` command line: thin wrappers over library functions (which the tests call directly)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _cmd_synth(a: argparse.Namespace) -> int:
+    from segfast.data.synth import synth
+
+    summary = synth(a.format, a.out, users=a.users, videos=a.videos, interactions=a.interactions,
+                    seed=a.seed, feature_dim=a.feature_dim, progress=not a.quiet)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _cmd_prepare(a: argparse.Namespace) -> int:
+    from segfast.data.prepared import prepare
+
+    manifest = prepare(a.source, a.input, a.out, seed=a.seed, features_dir=a.features, log=a.log,
+                       feature_dim=a.feature_dim, feature_dtype=a.feature_dtype, progress=not a.quiet,
+                       overwrite=a.overwrite)
+    print(json.dumps(manifest["counts"], indent=2))
+    return 0
+
+
+def _cmd_train(a: argparse.Namespace) -> int:
+    from segfast.train import train_from_args
+
+    result = train_from_args(a)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def _cmd_evaluate(a: argparse.Namespace) -> int:
+    from segfast.evaluate import evaluate_run, format_table
+
+    res = evaluate_run(a.data, a.run, split=a.split, batch_size=a.batch_size, device=a.device,
+                       seed=a.seed, backend=a.backend)
+    if a.json:
+        print(json.dumps(res))
+    else:
+        print(format_table({"model": res}))
+    return 0
+
+
+def _cmd_baselines(a: argparse.Namespace) -> int:
+    from segfast.evaluate import format_table, run_baselines
+
+    res = run_baselines(a.data, split=a.split, seed=a.seed)
+    if a.json:
+        print(json.dumps(res))
+    else:
+        print(format_table(res))
+    return 0
+
+
+def _cmd_demo(a: argparse.Namespace) -> int:
+    from segfast.demo import run_demo
+
+    run_demo(a.out, seed=a.seed, quick=a.quick)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="segfast", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("synth", help="generate synthetic data with planted segment interest, in a real source's files")
+    s.add_argument("--format", choices=["segmm", "kuairand"], required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--users", type=int, default=60)
+    s.add_argument("--videos", type=int, default=800)
+    s.add_argument("--interactions", type=int, default=12000)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--feature-dim", type=int, default=1024)
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=_cmd_synth)
+
+    s = sub.add_parser("prepare", help="filters, labels, splits, histories -> a prepared dataset")
+    s.add_argument("--source", choices=["segmm", "segmm-sample", "kuairand"], required=True)
+    s.add_argument("--input", required=True, help="segmm: release folder; kuairand: folder of logs; segmm-sample: the CSV")
+    s.add_argument("--features", default=None, help="segmm: folder of the JSON map and feature memmap (default --input)")
+    s.add_argument("--log", default=None, help="kuairand: log file name or glob (default log_standard_4_08_to_4_21_*.csv)")
+    s.add_argument("--feature-dim", type=int, default=1024)
+    s.add_argument("--feature-dtype", choices=["float16", "float32"], default="float16")
+    s.add_argument("--out", required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=_cmd_prepare)
+
+    s = sub.add_parser("train", help="train the segment interest model")
+    s.add_argument("--data", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--modality", choices=["id", "visual", "both"], default="both")
+    s.add_argument("--preset", choices=["small", "paper-code"], default="small")
+    s.add_argument("--loss", choices=["bpr-max", "pairwise", "bce"], default=None)
+    s.add_argument("--ablation", choices=["none", "cross-only", "self-only", "no-attention", "no-position"], default=None)
+    s.add_argument("--epochs", type=int, default=None)
+    s.add_argument("--batch-size", type=int, default=None)
+    s.add_argument("--lr", type=float, default=None)
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--backend", choices=["torch", "triton"], default=None)
+    s.add_argument("--eval-every", type=int, default=None)
+    s.add_argument("--patience", type=int, default=None)
+    s.add_argument("--max-steps", type=int, default=None)
+    s.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override any model/train config field, e.g. --set d_model=128")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=_cmd_train)
+
+    for name, fn, helptext in (("evaluate", _cmd_evaluate, "Task-1 metrics of a trained run"),):
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("--data", required=True)
+        s.add_argument("--run", required=True)
+        s.add_argument("--split", choices=["train", "dev", "test"], default="test")
+        s.add_argument("--batch-size", type=int, default=1024)
+        s.add_argument("--device", default="cpu")
+        s.add_argument("--backend", choices=["torch", "triton"], default=None)
+        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--json", action="store_true")
+        s.set_defaults(func=fn)
+
+    s = sub.add_parser("baselines", help="Random, AllPosition, UserPosition, ItemPosition under the same protocol")
+    s.add_argument("--data", required=True)
+    s.add_argument("--split", choices=["train", "dev", "test"], default="test")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_cmd_baselines)
+
+    s = sub.add_parser("demo", help="synth -> prepare -> train -> evaluate vs baselines, with plots")
+    s.add_argument("--out", default="segfast_demo")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--quick", action="store_true", help="a smaller run (for tests)")
+    s.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from segfast.data.sources import DataFormatError
+
+    try:
+        return int(args.func(args) or 0)
+    except (DataFormatError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"segfast {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
