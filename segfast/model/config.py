@@ -1,0 +1,250 @@
+"""Model and training configuration: one object travels from the CLI into the model and the checkpoint.
+
+Presets (every field overridable):
+
+- ``paper-code``: the authors' code sizes, d 512, 16 heads, 6 layers, d_ff 512, dropout 0.1,
+  batch 1024 (SPEC section 5).
+- ``small``: a CPU demo size, d 64, 4 heads, 2 layers, d_ff 128 (2 d), dropout 0.1, batch 256.
+
+``n_users``, ``n_videos`` and ``feature_dim`` describe the data; ``segfast.train.train`` fills them from
+the prepared dataset (:meth:`ModelConfig.for_data`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+from typing import Any, Optional
+
+__all__ = ["ModelConfig", "TrainConfig", "ConfigError", "PRESETS", "MODALITIES", "ABLATIONS", "LOSSES",
+           "model_preset", "train_preset"]
+
+MODALITIES = ("id", "visual", "both")
+ABLATIONS = ("none", "cross-only", "self-only", "no-attention", "no-position")
+LOSSES = ("bpr-max", "pairwise", "bce")
+BACKENDS = ("torch", "triton")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the field and what was expected."""
+
+
+def _from_dict(cls, d: dict, what: str):
+    if not isinstance(d, dict):
+        raise ConfigError(f"{what}: expected a JSON object, got {type(d).__name__}")
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"{what}: unknown field(s) {unknown}; known: {sorted(names)}")
+    return cls(**d)
+
+
+@dataclass
+class ModelConfig:
+    modality: str = "id"
+    d_model: int = 64
+    n_heads: int = 4
+    n_layers: int = 2
+    d_ff: int = 128
+    dropout: float = 0.1
+    fusion_heads: int = 2
+    max_slots: int = 40
+    max_user_tokens: int = 100
+    feature_dim: Optional[int] = None
+    n_users: int = 0
+    n_videos: int = 0
+    ablation: str = "none"
+    loss: str = "bpr-max"
+    backend: str = "torch"
+
+    def __post_init__(self) -> None:
+        self.validate(require_data=False)
+
+    # ---------------------------------------------------------------- validation
+    @property
+    def uses_id(self) -> bool:
+        return self.modality in ("id", "both")
+
+    @property
+    def uses_visual(self) -> bool:
+        return self.modality in ("visual", "both")
+
+    def validate(self, require_data: bool = True) -> "ModelConfig":
+        """Raise ConfigError on an inconsistent config. ``require_data``: n_users / n_videos /
+        feature_dim must be filled for the modality (needed to build the model)."""
+        def bad(name, msg):
+            raise ConfigError(f"ModelConfig.{name}={getattr(self, name)!r}: {msg}")
+
+        if self.modality not in MODALITIES:
+            bad("modality", f"expected one of {MODALITIES}")
+        if self.ablation not in ABLATIONS:
+            bad("ablation", f"expected one of {ABLATIONS}")
+        if self.loss not in LOSSES:
+            bad("loss", f"expected one of {LOSSES}")
+        if self.backend not in BACKENDS:
+            bad("backend", f"expected one of {BACKENDS}")
+        for name in ("d_model", "n_heads", "n_layers", "d_ff", "fusion_heads", "max_slots", "max_user_tokens"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "n_layers" else 1):
+                bad(name, "expected a positive integer" if name != "n_layers" else "expected an integer >= 0")
+        if not (isinstance(self.dropout, (int, float)) and 0.0 <= float(self.dropout) < 1.0):
+            bad("dropout", "expected a float in [0, 1)")
+        if self.d_model % self.n_heads:
+            bad("d_model", f"must be divisible by n_heads={self.n_heads}")
+        if self.uses_id and self.d_model % 2:
+            bad("d_model", "must be even for the ID representation ([video embedding (d/2) ; slot (d/2)])")
+        if self.modality == "both" and self.d_model % self.fusion_heads:
+            bad("d_model", f"must be divisible by fusion_heads={self.fusion_heads} for the bilinear fusion")
+        if self.max_slots != 40:
+            bad("max_slots", "the data format has 40 slots per video")
+        if self.feature_dim is not None and (not isinstance(self.feature_dim, int) or self.feature_dim < 1):
+            bad("feature_dim", "expected None or a positive integer")
+        for name in ("n_users", "n_videos"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                bad(name, "expected an integer >= 0")
+        if require_data:
+            if self.uses_visual and self.feature_dim is None:
+                bad("feature_dim", f"modality {self.modality!r} needs segment features (feature_dim)")
+            if self.uses_id and (self.n_users < 1 or self.n_videos < 1):
+                raise ConfigError(f"ModelConfig: modality {self.modality!r} needs n_users >= 1 and "
+                                  f"n_videos >= 1, got {self.n_users} and {self.n_videos}")
+        return self
+
+    def for_data(self, n_users: int, n_videos: int, feature_dim: Optional[int]) -> "ModelConfig":
+        """This config with the data sizes filled in (and checked against any already set)."""
+        if self.uses_visual:
+            if feature_dim is None:
+                raise ConfigError(f"modality {self.modality!r} needs segment features, but the data is ID-only")
+            if self.feature_dim is not None and self.feature_dim != feature_dim:
+                raise ConfigError(f"ModelConfig.feature_dim={self.feature_dim} but the data has "
+                                  f"{feature_dim}-dimensional features")
+        for name, v in (("n_users", n_users), ("n_videos", n_videos)):
+            cur = getattr(self, name)
+            if cur not in (0, v):
+                raise ConfigError(f"ModelConfig.{name}={cur} but the data has {v}")
+        cfg = dataclasses.replace(self, n_users=int(n_users), n_videos=int(n_videos),
+                                  feature_dim=int(feature_dim) if self.uses_visual else None)
+        return cfg.validate(require_data=True)
+
+    # ---------------------------------------------------------------- (de)serialisation
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        return _from_dict(cls, d, "model config")
+
+    @classmethod
+    def from_json(cls, s: str) -> "ModelConfig":
+        try:
+            d = json.loads(s)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"model config: invalid JSON ({e})") from None
+        return cls.from_dict(d)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+        return model_preset(name, **overrides)
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 256
+    epochs: int = 10
+    eval_every: int = 500          # steps between dev evaluations (also at the end of every epoch)
+    patience: int = 5              # dev evaluations without NDCG@5 improvement before stopping
+    seed: int = 0
+    device: str = "cpu"
+    grad_clip: Optional[float] = None   # max global grad norm, None = off
+    eval_batch_size: Optional[int] = None  # default: 2 * batch_size
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> "TrainConfig":
+        def bad(name, msg):
+            raise ConfigError(f"TrainConfig.{name}={getattr(self, name)!r}: {msg}")
+
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            bad("lr", "expected a positive number")
+        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
+            bad("weight_decay", "expected a number >= 0")
+        for name in ("batch_size", "epochs", "eval_every", "patience"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                bad(name, "expected a positive integer")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            bad("seed", "expected an integer >= 0")
+        if self.grad_clip is not None and not (isinstance(self.grad_clip, (int, float)) and self.grad_clip > 0):
+            bad("grad_clip", "expected None or a positive number")
+        if self.eval_batch_size is not None and (not isinstance(self.eval_batch_size, int)
+                                                 or self.eval_batch_size < 1):
+            bad("eval_batch_size", "expected None or a positive integer")
+        if not isinstance(self.num_workers, int) or self.num_workers < 0:
+            bad("num_workers", "expected an integer >= 0")
+        if not isinstance(self.device, str) or not (self.device == "cpu" or self.device.startswith("cuda")):
+            bad("device", "expected 'cpu' or 'cuda[:n]'")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        return _from_dict(cls, d, "train config")
+
+    @classmethod
+    def from_json(cls, s: str) -> "TrainConfig":
+        try:
+            d = json.loads(s)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"train config: invalid JSON ({e})") from None
+        return cls.from_dict(d)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "TrainConfig":
+        return train_preset(name, **overrides)
+
+
+PRESETS = {
+    "paper-code": {
+        "model": dict(d_model=512, n_heads=16, n_layers=6, d_ff=512, dropout=0.1),
+        "train": dict(lr=1e-3, weight_decay=1e-4, batch_size=1024),
+    },
+    "small": {
+        "model": dict(d_model=64, n_heads=4, n_layers=2, d_ff=128, dropout=0.1),
+        "train": dict(lr=1e-3, weight_decay=1e-4, batch_size=256),
+    },
+}
+
+
+def _preset(name: str, part: str, cls, overrides: dict):
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+    d = dict(PRESETS[name][part])
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ConfigError(f"{cls.__name__}: unknown field(s) {unknown}; known: {sorted(names)}")
+    d.update({k: v for k, v in overrides.items()})
+    return cls(**d)
+
+
+def model_preset(name: str, **overrides: Any) -> ModelConfig:
+    """ModelConfig of preset ``name`` ("paper-code" or "small") with fields overridden."""
+    return _preset(name, "model", ModelConfig, overrides)
+
+
+def train_preset(name: str, **overrides: Any) -> TrainConfig:
+    """TrainConfig of preset ``name`` with fields overridden."""
+    return _preset(name, "train", TrainConfig, overrides)

@@ -1,0 +1,93 @@
+"""Input representations per modality (SPEC section 5): tokens V [B, 40, d] (video slots) and
+U [B, M, d] (user tokens) with their masks, after the learned position embedding, LayerNorm and dropout.
+
+- ID: U = user embedding (M = 1, mask all True); V_i = [video embedding (d/2) ; Linear(1 -> d/2)(i)].
+- Visual: each feature vector is cast to float32 and L1-normalised (x / (||x||_1 + 1e-6)), then one
+  Linear(feature_dim -> d) shared by the video and user tokens; U = the visual history (``user_feat``,
+  ``user_mask``), V = the target video's segment vectors (``video_feat``, zeros on padding).
+
+``pos_index`` [B, 40] is the slot index used for the ID slot feature and the slot position embedding:
+``slot_index`` normally, a per-row permutation under the ``no-position`` ablation (see model.py).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from segfast.model.config import ModelConfig
+
+__all__ = ["IDRepresentation", "VisualRepresentation", "l1_normalise"]
+
+
+def l1_normalise(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """x / (||x||_1 + eps) along the last dimension, in float32."""
+    x = x.float()
+    return x / (x.abs().sum(dim=-1, keepdim=True) + eps)
+
+
+class _Finish(nn.Module):
+    """Learned position embedding + LayerNorm + dropout, for the V and U token sets."""
+
+    def __init__(self, d: int, n_video_pos: int, n_user_pos: int, dropout: float):
+        super().__init__()
+        self.pos_v = nn.Embedding(n_video_pos, d)
+        self.pos_u = nn.Embedding(n_user_pos, d)
+        nn.init.normal_(self.pos_v.weight, std=0.02)
+        nn.init.normal_(self.pos_u.weight, std=0.02)
+        self.ln_v = nn.LayerNorm(d)
+        self.ln_u = nn.LayerNorm(d)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, v: Tensor, u: Tensor, pos_index: Tensor) -> tuple[Tensor, Tensor]:
+        m = u.shape[1]
+        if m > self.pos_u.num_embeddings:
+            raise ValueError(f"{m} user tokens in the batch, but the model has position embeddings for "
+                             f"{self.pos_u.num_embeddings} (ModelConfig.max_user_tokens)")
+        v = self.drop(self.ln_v(v + self.pos_v(pos_index)))
+        u = self.drop(self.ln_u(u + self.pos_u.weight[:m].unsqueeze(0)))
+        return v, u
+
+
+class IDRepresentation(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.video_emb = nn.Embedding(cfg.n_videos, d // 2)
+        self.slot_lin = nn.Linear(1, d // 2)
+        self.user_emb = nn.Embedding(cfg.n_users, d)
+        self.finish = _Finish(d, cfg.max_slots, 1, cfg.dropout)
+
+    def forward(self, batch: dict, pos_index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """-> V [B, 40, d], U [B, 1, d], user_mask [B, 1] (all True)."""
+        vid = batch["video_idx"]
+        uid = batch["user_idx"]
+        b, s = pos_index.shape
+        ve = self.video_emb(vid)[:, None, :].expand(b, s, -1)
+        se = self.slot_lin(pos_index.to(ve.dtype).unsqueeze(-1))
+        v = torch.cat([ve, se], dim=-1)
+        u = self.user_emb(uid)[:, None, :]
+        v, u = self.finish(v, u, pos_index)
+        return v, u, torch.ones((b, 1), dtype=torch.bool, device=v.device)
+
+
+class VisualRepresentation(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.feature_dim = int(cfg.feature_dim)
+        self.proj = nn.Linear(self.feature_dim, d)
+        self.finish = _Finish(d, cfg.max_slots, cfg.max_user_tokens, cfg.dropout)
+
+    def forward(self, batch: dict, pos_index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """-> V [B, 40, d], U [B, M, d], user_mask [B, M]."""
+        vf, uf, um = batch["video_feat"], batch["user_feat"], batch["user_mask"]
+        for name, t in (("video_feat", vf), ("user_feat", uf)):
+            if t.shape[-1] != self.feature_dim:
+                raise ValueError(f"batch[{name!r}] has feature dimension {t.shape[-1]}, the model expects "
+                                 f"{self.feature_dim}")
+        if um.shape != uf.shape[:2]:
+            raise ValueError(f"batch['user_mask'] has shape {tuple(um.shape)}, expected {tuple(uf.shape[:2])}")
+        v = self.proj(l1_normalise(vf))
+        u = self.proj(l1_normalise(uf))
+        v, u = self.finish(v, u, pos_index)
+        return v, u, um.bool()

@@ -1,0 +1,384 @@
+"""Training loop (SPEC section 5-6): AdamW, dev evaluation, early stopping, checkpoints, exact resume.
+
+- Data order: the train loader shuffles with (seed, epoch) only (``segfast.data.batches``); rows with
+  target 40 are left out of training (they carry no loss). DataLoaders get their own torch.Generator, so
+  creating an iterator never touches the global RNG (dropout and the no-position shuffle use that one).
+- Dev evaluation every ``eval_every`` steps and at the end of every epoch (``ranking_metrics`` with the
+  interaction row numbers as tie-break ids); early stopping on dev NDCG@5 after ``patience`` evaluations
+  without improvement; ``best/`` holds the best weights.
+- ``last/`` (weights, AdamW state, RNG states, step / epoch / batch position, early-stopping state) is
+  written at every evaluation and when ``max_steps`` stops the run. On resume the epoch's order is
+  replayed from the seed and the consumed batches skipped, so a resumed run continues exactly as an
+  uninterrupted one (bitwise on CPU).
+- ``metrics.jsonl``: one line per evaluation {step, epoch, train_loss (mean since the previous line),
+  dev {...}, pairs_per_s, elapsed_s}; on resume, lines newer than the checkpoint are dropped.
+- When the run stops (epochs done, early stop, or max_steps), RUN/model.safetensors gets the best weights
+  (the current ones if no evaluation happened yet) and RUN/metrics.json the summary.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from segfast import MAX_SLOTS
+from segfast.checkpoint import (CheckpointError, data_fingerprint, load_state, read_json, read_run_config,
+                                save_model, save_state, state_dir, write_json, write_run_config)
+from segfast.model.config import ModelConfig, TrainConfig
+from segfast.model.model import SegInterestModel, batch_to
+
+__all__ = ["train", "train_from_args", "configs_from_args", "RunDirError", "TrainDataError", "evaluate_dev"]
+
+# fields that may differ when resuming a run
+_RESUME_FREE_MODEL = {"backend"}
+_RESUME_FREE_TRAIN = {"device", "num_workers", "eval_batch_size"}
+
+
+class RunDirError(ValueError):
+    """The output directory holds something else than a resumable run of this config and data."""
+
+
+class TrainDataError(ValueError):
+    """The data cannot be trained on (empty split, non-finite features); the message says where."""
+
+
+class _SkipSampler(torch.utils.data.Sampler):
+    def __init__(self, base, skip: int):
+        self.base, self.skip = base, int(skip)
+
+    def __len__(self):
+        return max(len(self.base) - self.skip, 0)
+
+    def __iter__(self):
+        it = iter(self.base)
+        for _ in range(self.skip):
+            next(it, None)
+        yield from it
+
+
+@contextlib.contextmanager
+def _deterministic(device: torch.device):
+    prev = torch.are_deterministic_algorithms_enabled()
+    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    # On CUDA some kernels (embedding backward, index_add) have no deterministic version: warn, don't fail.
+    torch.use_deterministic_algorithms(True, warn_only=device.type != "cpu")
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
+
+
+def _diff(a: dict, b: dict, free: set) -> list:
+    keys = (set(a) | set(b)) - free
+    return [f"{k}: {a.get(k)!r} (run) vs {b.get(k)!r} (now)" for k in sorted(keys) if a.get(k) != b.get(k)]
+
+
+def _check_out_dir(out: Path, mc: ModelConfig, tc: TrainConfig, data: dict) -> bool:
+    """True when ``out`` is a resumable run of this config (resume), False when it is new/empty."""
+    if not out.exists():
+        return False
+    if not out.is_dir():
+        raise RunDirError(f"{out}: exists and is not a directory")
+    if not any(out.iterdir()):
+        return False
+    if not (out / "config.json").is_file():
+        raise RunDirError(f"{out}: not empty and not a segfast run (no config.json); use an empty or new "
+                          "output directory")
+    try:
+        cfg = read_run_config(out)
+    except CheckpointError as e:
+        raise RunDirError(f"{out}: cannot resume: {e}") from None
+    diffs = _diff(cfg["model"].to_dict(), mc.to_dict(), _RESUME_FREE_MODEL)
+    diffs += _diff(cfg["train"].to_dict() if cfg["train"] else {}, tc.to_dict(), _RESUME_FREE_TRAIN)
+    diffs += [f"data {d}" for d in _diff(cfg["data"] or {}, data, set())]
+    if diffs:
+        raise RunDirError(f"{out}: holds a run of a different configuration or dataset; differences: "
+                          + "; ".join(diffs) + ". Use another output directory.")
+    return state_dir(out, "last") is not None
+
+
+def _check_finite(batch: dict, data_dir) -> None:
+    for key in ("video_feat", "user_feat"):
+        t = batch.get(key)
+        if t is None:
+            continue
+        ok = torch.isfinite(t).flatten(1).all(dim=1)
+        if not bool(ok.all()):
+            i = int((~ok).nonzero()[0, 0])
+            row = int(batch["row"][i])
+            raise TrainDataError(f"{data_dir}: non-finite value (NaN/inf) in the segment features of interaction "
+                                 f"row {row} ({'target video' if key == 'video_feat' else 'visual user history'}, "
+                                 f"batch key {key!r}); re-prepare the dataset from clean features")
+
+
+def evaluate_dev(model: SegInterestModel, loader, device, seed: int, data_dir="") -> dict:
+    """Ranking metrics of ``model`` over the rows of ``loader`` (eval mode; restores the mode)."""
+    from segfast.evaluate import ranking_metrics
+
+    was = model.training
+    model.eval()
+    logits, target, nseg, rows = [], [], [], []
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                _check_finite(batch, data_dir)
+                logits.append(model(batch_to(batch, device)).float().cpu())
+                target.append(batch["target"])
+                nseg.append(batch["n_segments"])
+                rows.append(batch["row"])
+    finally:
+        model.train(was)
+    if not logits:
+        raise TrainDataError(f"{data_dir}: the dev split yielded no batches")
+    return ranking_metrics(torch.cat(logits), torch.cat(target), torch.cat(nseg), seed=seed,
+                           row_ids=torch.cat(rows))
+
+
+def _rewrite_jsonl(path: Path, max_step: int) -> None:
+    if not path.is_file():
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                break  # a torn last line from a crash
+            if rec.get("step", 0) <= max_step:
+                keep.append(line)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write("".join(x + "\n" for x in keep))
+    os.replace(tmp, path)
+
+
+def _append_jsonl(path: Path, rec: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(rec, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def train(data_dir, out_dir, model_config: ModelConfig, train_config: TrainConfig, progress: bool = True,
+          max_steps: Optional[int] = None) -> dict:
+    """Train a SegInterestModel on the prepared dataset ``data_dir`` into the run directory ``out_dir``.
+
+    ``max_steps`` stops after that many optimizer steps in total (counting steps of earlier sessions of a
+    resumed run) and leaves a resumable ``last/``. Calling again with the same arguments resumes.
+    Returns the summary also written to RUN/metrics.json."""
+    from tqdm.auto import tqdm
+
+    from segfast.data.batches import make_loader
+    from segfast.data.prepared import load_prepared
+
+    tc = train_config.validate()
+    if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 0):
+        raise ValueError(f"max_steps: expected None or an integer >= 0, got {max_steps!r}")
+    device = torch.device(tc.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"TrainConfig.device={tc.device!r} but CUDA is not available")
+    prepared = load_prepared(data_dir)
+    mc = model_config.for_data(prepared.n_users, prepared.n_videos, prepared.feature_dim)
+    data = data_fingerprint(prepared)
+    out = Path(out_dir)
+    resume = _check_out_dir(out, mc, tc, data)
+
+    target = np.asarray(prepared.interactions["target"])
+    for split in ("train", "dev"):
+        rows = prepared.rows(split)
+        if rows.size == 0 or not (target[rows] < MAX_SLOTS).any():
+            raise TrainDataError(f"{data_dir}: split {split!r} has no usable rows ({rows.size} rows, none with "
+                                 f"target < {MAX_SLOTS}); cannot train")
+
+    features = mc.uses_visual
+    gen = torch.Generator().manual_seed(tc.seed)
+    loader_kw = dict(features=features, num_workers=tc.num_workers, exclude_full_40=True,
+                     max_user_tokens=mc.max_user_tokens, generator=gen, pin_memory=device.type == "cuda")
+    train_loader = make_loader(prepared, "train", tc.batch_size, shuffle=True, seed=tc.seed, **loader_kw)
+    dev_loader = make_loader(prepared, "dev", tc.eval_batch_size or 2 * tc.batch_size, shuffle=False, **loader_kw)
+    steps_per_epoch = len(train_loader)
+
+    metrics_path = out / "metrics.jsonl"
+    with _deterministic(device):
+        torch.manual_seed(tc.seed)
+        np.random.seed(tc.seed)
+        model = SegInterestModel(mc).to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        st = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_ndcg5": None, "best_step": None,
+              "best_dev": None, "bad_evals": 0, "finished": False, "stopped": None, "loss_sum": 0.0,
+              "loss_n": 0, "evals": 0}
+        if resume:
+            st = load_state(out, "last", model, optimizer=opt, device=device)
+            _rewrite_jsonl(metrics_path, st["step"])
+            if st.get("finished"):
+                summary_path = out / "metrics.json"
+                return read_json(summary_path) if summary_path.is_file() else st
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            write_run_config(out, mc, tc, data)
+            if metrics_path.exists():
+                metrics_path.unlink()
+
+        def checkpoint():
+            save_state(out, "last", model, st, optimizer=opt, device=device)
+
+        def finish(stopped: str) -> dict:
+            st["stopped"] = stopped
+            st["finished"] = stopped != "max_steps"
+            checkpoint()
+            best = state_dir(out, "best")
+            if best is not None:
+                import shutil
+                tmp = out / ".model.safetensors.copy"
+                shutil.copyfile(best / "model.safetensors", tmp)
+                os.replace(tmp, out / "model.safetensors")
+            else:
+                save_model(out / "model.safetensors", model)
+            summary = {"step": st["step"], "epoch": st["epoch"], "stopped": stopped, "finished": st["finished"],
+                       "best_step": st["best_step"], "best_dev": st["best_dev"], "evals": st["evals"],
+                       "steps_per_epoch": steps_per_epoch, "model": mc.to_dict(), "train": tc.to_dict()}
+            write_json(out / "metrics.json", summary)
+            return summary
+
+        t_last = time.perf_counter()
+        t0 = t_last
+        pairs_since = 0
+
+        def evaluate() -> bool:
+            """Dev evaluation + metrics line + checkpoints; True when early stopping triggers."""
+            nonlocal t_last, pairs_since
+            dev = evaluate_dev(model, dev_loader, device, tc.seed, data_dir)
+            now = time.perf_counter()
+            loss = st["loss_sum"] / st["loss_n"] if st["loss_n"] else None
+            rec = {"step": st["step"], "epoch": st["epoch"], "train_loss": loss, "dev": dev,
+                   "pairs_per_s": pairs_since / max(now - t_last, 1e-9), "elapsed_s": now - t0}
+            st["loss_sum"], st["loss_n"] = 0.0, 0
+            st["evals"] += 1
+            score = dev.get("NDCG@5")
+            improved = score is not None and (st["best_ndcg5"] is None or score > st["best_ndcg5"])
+            if improved:
+                st["best_ndcg5"], st["best_step"], st["best_dev"], st["bad_evals"] = score, st["step"], dev, 0
+                save_state(out, "best", model, {"step": st["step"], "epoch": st["epoch"], "dev": dev}, rng=False)
+            else:
+                st["bad_evals"] += 1
+            rec["best_step"] = st["best_step"]
+            _append_jsonl(metrics_path, rec)
+            stop = st["bad_evals"] >= tc.patience
+            checkpoint()
+            t_last, pairs_since = time.perf_counter(), 0
+            return stop
+
+        total = steps_per_epoch * tc.epochs
+        if max_steps is not None:
+            total = min(total, max_steps)
+        bar = tqdm(total=total, initial=min(st["step"], total), desc="train", unit="step", disable=not progress,
+                   dynamic_ncols=True)
+        model.train()
+        try:
+            while st["epoch"] < tc.epochs:
+                if max_steps is not None and st["step"] >= max_steps:
+                    return finish("max_steps")
+                train_loader.set_epoch(st["epoch"])
+                if st["batch_in_epoch"]:
+                    it = torch.utils.data.DataLoader(
+                        train_loader.dataset, batch_size=None, num_workers=tc.num_workers, generator=gen,
+                        sampler=_SkipSampler(train_loader.sampler, st["batch_in_epoch"]),
+                        pin_memory=device.type == "cuda")
+                else:
+                    it = train_loader
+                evaluated_at = None
+                for batch in it:
+                    _check_finite(batch, data_dir)
+                    batch = batch_to(batch, device, non_blocking=True)
+                    _, loss = model.loss(batch)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if tc.grad_clip is not None:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                    opt.step()
+                    lv = float(loss.detach())
+                    if not math.isfinite(lv):
+                        raise FloatingPointError(f"non-finite training loss {lv} at step {st['step'] + 1} "
+                                                 f"(epoch {st['epoch']}); try a lower lr or grad_clip")
+                    b = int(batch["target"].shape[0])
+                    st["step"] += 1
+                    st["batch_in_epoch"] += 1
+                    st["loss_sum"] += lv * b
+                    st["loss_n"] += b
+                    pairs_since += b
+                    bar.update(1)
+                    if progress:
+                        el = max(time.perf_counter() - t_last, 1e-9)
+                        bar.set_postfix(loss=f"{lv:.4f}", pairs_s=f"{pairs_since / el:.0f}",
+                                        best=st["best_ndcg5"], refresh=False)
+                    if st["step"] % tc.eval_every == 0:
+                        evaluated_at = st["step"]
+                        if evaluate():
+                            return finish("early_stop")
+                    if max_steps is not None and st["step"] >= max_steps:
+                        return finish("max_steps")
+                st["epoch"] += 1
+                st["batch_in_epoch"] = 0
+                if evaluated_at == st["step"]:
+                    checkpoint()  # already evaluated at this step; record the epoch boundary
+                elif evaluate():
+                    return finish("early_stop")
+            return finish("epochs")
+        finally:
+            bar.close()
+
+
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text  # a bare string such as cpu / cross-only
+
+
+def configs_from_args(a) -> tuple[ModelConfig, TrainConfig]:
+    """(ModelConfig, TrainConfig) from the ``segfast train`` arguments: the preset, then the named options,
+    then every ``--set FIELD=VALUE`` (VALUE parsed as JSON, else a string; FIELD of either config)."""
+    from dataclasses import fields
+
+    from segfast.model.config import ConfigError, model_preset, train_preset
+
+    mfields = {f.name for f in fields(ModelConfig)}
+    tfields = {f.name for f in fields(TrainConfig)}
+    m_over = {"modality": a.modality}
+    t_over = {"device": a.device}
+    for name, dest in (("loss", m_over), ("ablation", m_over), ("backend", m_over), ("epochs", t_over),
+                       ("batch_size", t_over), ("lr", t_over), ("seed", t_over), ("eval_every", t_over),
+                       ("patience", t_over)):
+        v = getattr(a, name, None)
+        if v is not None:
+            dest[name] = v
+    for item in getattr(a, "set", None) or []:
+        key, sep, val = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected FIELD=VALUE")
+        if key in mfields:
+            m_over[key] = _parse_value(val)
+        elif key in tfields:
+            t_over[key] = _parse_value(val)
+        else:
+            raise ConfigError(f"--set {item!r}: unknown field {key!r}; model fields {sorted(mfields)}, "
+                              f"train fields {sorted(tfields)}")
+    return model_preset(a.preset, **m_over), train_preset(a.preset, **t_over)
+
+
+def train_from_args(a) -> dict:
+    """``segfast train``: configs from the CLI arguments, then :func:`train`."""
+    mc, tc = configs_from_args(a)
+    return train(a.data, a.out, mc, tc, progress=not getattr(a, "quiet", False),
+                 max_steps=getattr(a, "max_steps", None))
