@@ -553,6 +553,8 @@ def evaluate_run(data_dir, run_dir, split: str = "test", batch_size: int = 1024,
     previous = ops.get_backend()
     if backend is not None:
         ops.set_backend(backend)
+        if hasattr(model, "set_backend"):  # the model passes its own backend to every op
+            model.set_backend(backend)
     was_training = getattr(model, "training", False)
     try:
         if hasattr(model, "eval"):
