@@ -21,6 +21,14 @@ HBM_BPS = 3.35e12      # H100 SXM HBM3
 PEAK_FLOPS = 989e12    # H100 SXM dense bf16 tensor core
 
 
+def _triton_version() -> str:
+    try:
+        import triton
+        return triton.__version__
+    except ImportError:
+        return "none"
+
+
 def parse():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -35,6 +43,7 @@ def parse():
     ap.add_argument("--modes", default="train,score")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default 50 on cuda, 1 on cpu)")
     ap.add_argument("--csv", default=None, help="append rows to this CSV file")
+    ap.add_argument("--commit", default="unknown", help="commit id recorded in every row")
     ap.add_argument("--tune", default="", help="kernel config overrides, e.g. BLOCK_B=8,BK=64,max_programs=64")
     return ap.parse_args()
 
@@ -146,6 +155,7 @@ def main():
             t_roof = max(flops / PEAK_FLOPS, nbytes / HBM_BPS) * 1e3
             sig = lambda v: float(f"{v:.4g}")  # noqa: E731
             rows.append(dict(
+                commit=args.commit, torch=torch.__version__, triton=_triton_version(),
                 impl=name, mode=mode, device=(torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"),
                 dtype=args.dtype, tune=args.tune, B=B, S=S, d=d, Hf=hf, kind=args.kind, ms=sig(ms),
                 GBps=sig(nbytes / ms / 1e6), TFLOPs=sig(flops / ms / 1e9),

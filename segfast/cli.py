@@ -57,10 +57,52 @@ def _cmd_baselines(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_score(a: argparse.Namespace) -> int:
+    from segfast.score import score_from_args
+
+    manifest = score_from_args(a)
+    print(json.dumps({k: manifest.get(k) for k in ("rows", "parts", "timing") if k in manifest}, default=str)[:2000])
+    return 0
+
+
+def _cmd_segrec(a: argparse.Namespace) -> int:
+    from segfast.segrec.train import compare_weightings, format_results, run_segrec
+
+    common = dict(seeds=a.seeds, epochs=a.epochs, batch_size=a.batch_size, device=a.device, progress=not a.quiet)
+    if a.compare:
+        res = compare_weightings(a.data, a.interest_run, a.backbone, ["segsum", "segadjust", "interest",
+                                                                       "itemposition"], **common)
+        print(json.dumps(res, default=str) if a.json else format_results(res))
+        return 0
+    res = run_segrec(a.data, a.interest_run, a.backbone, a.weights, **common)
+    if a.json:
+        print(json.dumps(res, default=str))
+    else:
+        for k in ("AUC", "F1", "LogLoss"):
+            m = res["metrics"][k]
+            p = res.get("ttest_vs_video", {}).get(k, {}).get("p")
+            print(f"{k:8s} {m['mean']:.4f} ± {m['std']:.4f}" + (f"   p vs video {p:.3g}" if p is not None else ""))
+    return 0
+
+
+def _cmd_thumbnails(a: argparse.Namespace) -> int:
+    from segfast.apps import thumbnails
+
+    print(json.dumps(thumbnails(a.run, a.data, a.pairs, a.out, device=a.device), default=str))
+    return 0
+
+
+def _cmd_edit(a: argparse.Namespace) -> int:
+    from segfast.apps import edit
+
+    print(json.dumps(edit(a.run, a.data, a.pairs, a.out, threshold=a.threshold, device=a.device), default=str))
+    return 0
+
+
 def _cmd_demo(a: argparse.Namespace) -> int:
     from segfast.demo import run_demo
 
-    run_demo(a.out, seed=a.seed, quick=a.quick)
+    run_demo(a.out, seed=a.seed, quick=a.quick, ablations=a.ablations)
     return 0
 
 
@@ -132,10 +174,44 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_cmd_baselines)
 
+    s = sub.add_parser("score", help="score (user, video) pairs from a Parquet file into Parquet parts (resumable)")
+    from segfast.score import add_arguments as _score_args
+
+    _score_args(s)
+    s.set_defaults(func=_cmd_score)
+
+    s = sub.add_parser("segrec", help="Task 2: segment-weighted video recommendation (SegRec)")
+    s.add_argument("--data", required=True)
+    s.add_argument("--interest-run", required=True, help="the frozen Task-1 run giving the segment weights")
+    s.add_argument("--backbone", choices=["widedeep", "din"], default="widedeep")
+    s.add_argument("--weights", choices=["interest", "video", "segsum", "segadjust", "itemposition"],
+                   default="interest")
+    s.add_argument("--compare", action="store_true", help="run every weighting against video")
+    s.add_argument("--seeds", type=int, default=5)
+    s.add_argument("--epochs", type=int, default=10)
+    s.add_argument("--batch-size", type=int, default=512)
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=_cmd_segrec)
+
+    for name, fn, helptext in (("thumbnails", _cmd_thumbnails, "the highest-interest segment of each pair"),
+                               ("edit", _cmd_edit, "the time ranges below an interest threshold, to skip")):
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("--run", required=True)
+        s.add_argument("--data", required=True)
+        s.add_argument("--pairs", required=True)
+        s.add_argument("--out", required=True, help="output Parquet file")
+        s.add_argument("--device", default="cpu")
+        if name == "edit":
+            s.add_argument("--threshold", type=float, default=0.5, help="interest (sigmoid of the logit) below this")
+        s.set_defaults(func=fn)
+
     s = sub.add_parser("demo", help="synth -> prepare -> train -> evaluate vs baselines, with plots")
     s.add_argument("--out", default="segfast_demo")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--quick", action="store_true", help="a smaller run (for tests)")
+    s.add_argument("--ablations", action="store_true", help="also train the no-position and no-attention ablations")
     s.set_defaults(func=_cmd_demo)
     return p
 
@@ -144,9 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from segfast.data.sources import DataFormatError
 
+    import os
+
     try:
         return int(args.func(args) or 0)
-    except (DataFormatError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (DataFormatError, FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
+        if os.environ.get("SEGFAST_DEBUG"):
+            raise
         print(f"segfast {args.command}: error: {e}", file=sys.stderr)
         return 2
 

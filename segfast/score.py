@@ -508,9 +508,11 @@ def _forward(model, batch: dict, fast: bool):
         uu = rep.proj(l1_normalise(batch["user_feat_u"]))
         um = batch["user_mask_u"][batch["user_inv"]]
         if cfg.ablation == "no-position":
-            v, uu = rep.finish(vu[batch["video_inv"]], uu, pos_index)
+            v, uu = rep.finish(vu[batch["video_inv"]], uu, pos_index, slot_mask)
         else:  # position embedding + LayerNorm once per distinct video and user history
-            vu, uu = rep.finish(vu, uu, pos_index[:1].expand(vu.shape[0], s))
+            vmask = torch.zeros((vu.shape[0], s), dtype=torch.bool, device=slot_mask.device)
+            vmask[batch["video_inv"]] = slot_mask.bool()  # a video's N is the same in every pair
+            vu, uu = rep.finish(vu, uu, pos_index[:1].expand(vu.shape[0], s), vmask)
             v = vu[batch["video_inv"]]
         u = uu[batch["user_inv"]]
         x = model.visual.encoder(v, u, slot_mask, um)

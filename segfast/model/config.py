@@ -56,6 +56,8 @@ class ModelConfig:
     ablation: str = "none"
     loss: str = "bpr-max"
     backend: str = "torch"
+    pos_init: float = 1.0  # initial value of the per-slot position-bias vectors a and c (SPEC: 1)
+    slot_types: bool = True  # mark real / completed-pseudo-slot / padding slots (representation.py)
 
     def __post_init__(self) -> None:
         self.validate(require_data=False)
@@ -89,6 +91,10 @@ class ModelConfig:
                 bad(name, "expected a positive integer" if name != "n_layers" else "expected an integer >= 0")
         if not (isinstance(self.dropout, (int, float)) and 0.0 <= float(self.dropout) < 1.0):
             bad("dropout", "expected a float in [0, 1)")
+        if not isinstance(self.slot_types, bool):
+            bad("slot_types", "expected true or false")
+        if not isinstance(self.pos_init, (int, float)) or isinstance(self.pos_init, bool):
+            bad("pos_init", "expected a number")
         if self.d_model % self.n_heads:
             bad("d_model", f"must be divisible by n_heads={self.n_heads}")
         if self.uses_id and self.d_model % 2:

@@ -36,8 +36,8 @@ class SegmentDecoder(nn.Module):
         if cfg.ablation == "no-position":
             self.pos_a = self.pos_c = None
         else:
-            self.pos_a = nn.Parameter(torch.ones(cfg.max_slots))
-            self.pos_c = nn.Parameter(torch.ones(cfg.max_slots))
+            self.pos_a = nn.Parameter(torch.full((cfg.max_slots,), float(cfg.pos_init)))
+            self.pos_c = nn.Parameter(torch.full((cfg.max_slots,), float(cfg.pos_init)))
 
     def _params(self):
         return (self.w_x, self.w_y, self.bias, self.fusion, self.pos_a, self.pos_c)

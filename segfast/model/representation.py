@@ -6,6 +6,12 @@ U [B, M, d] (user tokens) with their masks, after the learned position embedding
   Linear(feature_dim -> d) shared by the video and user tokens; U = the visual history (``user_feat``,
   ``user_mask``), V = the target video's segment vectors (``video_feat``, zeros on padding).
 
+Slot types (``ModelConfig.slot_types``, on by default): a learned embedding of three slot types is added to
+V before the LayerNorm: 0 = a real segment (i < N), 1 = the "completed" pseudo-slot (i == N, the target of
+a full watch), 2 = padding after it. The spec's literal representation gives a padded ID slot the same
+tokens as a real one, so the model cannot tell where the video ends, which the 40-slot ranking protocol
+rewards (the position baselines know N); ``slot_types=False`` restores the literal form.
+
 ``pos_index`` [B, 40] is the slot index used for the ID slot feature and the slot position embedding:
 ``slot_index`` normally, a per-row permutation under the ``no-position`` ablation (see model.py).
 """
@@ -16,7 +22,18 @@ from torch import Tensor, nn
 
 from segfast.model.config import ModelConfig
 
-__all__ = ["IDRepresentation", "VisualRepresentation", "l1_normalise"]
+__all__ = ["IDRepresentation", "VisualRepresentation", "l1_normalise", "slot_types"]
+
+SLOT_REAL, SLOT_END, SLOT_PAD = 0, 1, 2
+
+
+def slot_types(slot_mask: Tensor) -> Tensor:
+    """[B, S] bool (True = real segment) -> [B, S] int64: 0 real, 1 the completed pseudo-slot N, 2 padding."""
+    n = slot_mask.sum(dim=1, keepdim=True)
+    idx = torch.arange(slot_mask.shape[1], device=slot_mask.device)[None, :]
+    end = torch.full_like(idx, SLOT_END).expand_as(slot_mask)
+    pad = torch.full_like(idx, SLOT_PAD).expand_as(slot_mask)
+    return torch.where(slot_mask.bool(), torch.zeros_like(end), torch.where(idx == n, end, pad))
 
 
 def l1_normalise(x: Tensor, eps: float = 1e-6) -> Tensor:
@@ -28,8 +45,11 @@ def l1_normalise(x: Tensor, eps: float = 1e-6) -> Tensor:
 class _Finish(nn.Module):
     """Learned position embedding + LayerNorm + dropout, for the V and U token sets."""
 
-    def __init__(self, d: int, n_video_pos: int, n_user_pos: int, dropout: float):
+    def __init__(self, d: int, n_video_pos: int, n_user_pos: int, dropout: float, use_slot_types: bool = True):
         super().__init__()
+        self.slot_type = nn.Embedding(3, d) if use_slot_types else None
+        if self.slot_type is not None:
+            nn.init.normal_(self.slot_type.weight, std=0.02)
         self.pos_v = nn.Embedding(n_video_pos, d)
         self.pos_u = nn.Embedding(n_user_pos, d)
         nn.init.normal_(self.pos_v.weight, std=0.02)
@@ -38,8 +58,13 @@ class _Finish(nn.Module):
         self.ln_u = nn.LayerNorm(d)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, v: Tensor, u: Tensor, pos_index: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, v: Tensor, u: Tensor, pos_index: Tensor, slot_mask: Tensor = None) -> tuple[Tensor, Tensor]:
+        """v [B, S, d], u [B, M, d], pos_index [B, S], slot_mask [B, S] (needed with slot types)."""
         m = u.shape[1]
+        if self.slot_type is not None:
+            if slot_mask is None:
+                raise ValueError("this model marks slot types: pass slot_mask to the representation")
+            v = v + self.slot_type(slot_types(slot_mask))
         if m > self.pos_u.num_embeddings:
             raise ValueError(f"{m} user tokens in the batch, but the model has position embeddings for "
                              f"{self.pos_u.num_embeddings} (ModelConfig.max_user_tokens)")
@@ -55,7 +80,7 @@ class IDRepresentation(nn.Module):
         self.video_emb = nn.Embedding(cfg.n_videos, d // 2)
         self.slot_lin = nn.Linear(1, d // 2)
         self.user_emb = nn.Embedding(cfg.n_users, d)
-        self.finish = _Finish(d, cfg.max_slots, 1, cfg.dropout)
+        self.finish = _Finish(d, cfg.max_slots, 1, cfg.dropout, cfg.slot_types)
 
     def forward(self, batch: dict, pos_index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """-> V [B, 40, d], U [B, 1, d], user_mask [B, 1] (all True)."""
@@ -66,7 +91,7 @@ class IDRepresentation(nn.Module):
         se = self.slot_lin(pos_index.to(ve.dtype).unsqueeze(-1))
         v = torch.cat([ve, se], dim=-1)
         u = self.user_emb(uid)[:, None, :]
-        v, u = self.finish(v, u, pos_index)
+        v, u = self.finish(v, u, pos_index, batch["slot_mask"])
         return v, u, torch.ones((b, 1), dtype=torch.bool, device=v.device)
 
 
@@ -76,7 +101,7 @@ class VisualRepresentation(nn.Module):
         d = cfg.d_model
         self.feature_dim = int(cfg.feature_dim)
         self.proj = nn.Linear(self.feature_dim, d)
-        self.finish = _Finish(d, cfg.max_slots, cfg.max_user_tokens, cfg.dropout)
+        self.finish = _Finish(d, cfg.max_slots, cfg.max_user_tokens, cfg.dropout, cfg.slot_types)
 
     def forward(self, batch: dict, pos_index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """-> V [B, 40, d], U [B, M, d], user_mask [B, M]."""
@@ -89,5 +114,5 @@ class VisualRepresentation(nn.Module):
             raise ValueError(f"batch['user_mask'] has shape {tuple(um.shape)}, expected {tuple(uf.shape[:2])}")
         v = self.proj(l1_normalise(vf))
         u = self.proj(l1_normalise(uf))
-        v, u = self.finish(v, u, pos_index)
+        v, u = self.finish(v, u, pos_index, batch["slot_mask"])
         return v, u, um.bool()

@@ -1,0 +1,167 @@
+"""Full model: one training step (forward + backward + AdamW) and no-grad scoring, per preset and modality,
+for the eager reference (backend "torch"), torch.compile of the reference, and the Triton backend.
+
+    python bench/bench_train_step.py --device cuda [--presets small,paper-code] [--modalities id,both]
+                                     [--impls eager,compile,triton] [--amp bf16] [--csv out.csv]
+    python bench/bench_train_step.py --device cpu     # smoke test: interpreter, tiny model, slow
+
+Batches are random but shaped like real ones (N ~ U[1, 40], visual histories of 1..100 tokens, float16
+features of dim 1024 as stored by `prepare`). Reports ms per step, pairs/s, peak GPU memory and the speed-up
+against eager in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import time
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--presets", default="small,paper-code")
+    ap.add_argument("--modalities", default="id,both")
+    ap.add_argument("--impls", default="eager,compile,triton")
+    ap.add_argument("--batch", type=int, default=None, help="training pairs per step (default 1024; 4 on cpu)")
+    ap.add_argument("--score-batch", type=int, default=None, help="scoring pairs per call (default 4096; 8 on cpu)")
+    ap.add_argument("--user-tokens", type=int, default=100)
+    ap.add_argument("--feature-dim", type=int, default=1024)
+    ap.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "none"], help="autocast dtype on cuda")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 10 on cuda, 1 on cpu)")
+    ap.add_argument("--csv", default=None)
+    ap.add_argument("--commit", default="unknown")
+    return ap.parse_args(argv)
+
+
+ARGS = parse() if __name__ == "__main__" else None
+if ARGS is not None and ARGS.device == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+
+
+def random_batch(B, M, F, n_users, n_videos, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    S = 40
+    n = torch.randint(1, S + 1, (B,), generator=g)
+    slot = torch.arange(S)
+    slot_mask = slot[None, :] < n[:, None]
+    target = torch.minimum((torch.rand(B, generator=g) * (n + 1).float()).long(), n).clamp(max=S - 1)
+    labels = torch.where(slot[None] < target[:, None], 1, torch.where(slot[None] == target[:, None], 0, -1))
+    m = torch.randint(1, M + 1, (B,), generator=g)
+    user_mask = torch.arange(M)[None, :] < m[:, None]
+    vf = (torch.rand(B, S, F, generator=g) * slot_mask[..., None]).half()
+    uf = (torch.rand(B, M, F, generator=g) * user_mask[..., None]).half()
+    b = {"row": torch.arange(B), "user_idx": torch.randint(0, n_users, (B,), generator=g),
+         "video_idx": torch.randint(0, n_videos, (B,), generator=g), "n_segments": n,
+         "slot_mask": slot_mask, "slot_index": slot.expand(B, S).contiguous(), "target": target,
+         "labels": labels.to(torch.int8), "is_cold": torch.zeros(B, dtype=torch.bool),
+         "video_feat": vf, "user_feat": uf, "user_mask": user_mask}
+    return {k: v.to(device) for k, v in b.items()}
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(fn, steps, device):
+    fn()  # warm-up (compiles kernels / graphs)
+    fn()
+    _sync(device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    _sync(device)
+    ms = (time.perf_counter() - t) * 1e3 / steps
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else float("nan")
+    return ms, peak
+
+
+def main(args):
+    from segfast.model.config import model_preset
+    from segfast.model.model import SegInterestModel
+
+    dev = args.device
+    cpu = dev == "cpu"
+    B = args.batch or (4 if cpu else 1024)
+    SB = args.score_batch or (8 if cpu else 4096)
+    M = 8 if cpu else args.user_tokens
+    F = 16 if cpu else args.feature_dim
+    steps = args.steps or (1 if cpu else 10)
+    amp = None if (cpu or args.amp == "none") else {"bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    card = torch.cuda.get_device_name(0) if not cpu else "cpu-interpreter"
+    try:
+        import triton
+        tv = triton.__version__
+    except ImportError:
+        tv = "none"
+    n_users, n_videos = 2400, 50000
+    rows = []
+    for preset in args.presets.split(","):
+        for modality in args.modalities.split(","):
+            over = dict(d_model=32, n_heads=2, n_layers=1, d_ff=32) if cpu else {}
+            base = {}
+            for impl in args.impls.split(","):
+                torch.manual_seed(0)
+                cfg = model_preset(preset, modality=modality, backend="triton" if impl == "triton" else "torch",
+                                   max_user_tokens=M, **over).for_data(n_users, n_videos,
+                                                                       F if modality != "id" else None)
+                model = SegInterestModel(cfg).to(dev)
+                opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+                batch = random_batch(B, M, F, n_users, n_videos, dev)
+                sbatch = random_batch(SB, M, F, n_users, n_videos, dev, seed=1)
+                loss_fn = (lambda b: model.loss(b)[1])
+                score_fn = model.forward
+                if impl == "compile":
+                    loss_fn = torch.compile(loss_fn)
+                    score_fn = torch.compile(model.forward)
+
+                def train_step():
+                    opt.zero_grad(set_to_none=True)
+                    with torch.autocast("cuda", dtype=amp, enabled=amp is not None):
+                        loss = loss_fn(batch)
+                    loss.backward()
+                    opt.step()
+
+                def score_step():
+                    with torch.no_grad(), torch.autocast("cuda", dtype=amp, enabled=amp is not None):
+                        score_fn(sbatch)
+
+                for mode, fn, pairs in (("train", train_step, B), ("score", score_step, SB)):
+                    model.train(mode == "train")
+                    try:
+                        ms, peak = _time(fn, steps, dev)
+                    except Exception as e:  # noqa: BLE001 - report and go on (e.g. a compile failure)
+                        print(f"{preset} {modality} {impl} {mode}: FAILED {type(e).__name__}: {str(e)[:300]}")
+                        continue
+                    key = (mode,)
+                    if impl == "eager":
+                        base[key] = (ms, peak)
+                    e_ms, e_peak = base.get(key, (float("nan"), float("nan")))
+                    row = dict(commit=args.commit, card=card, torch=torch.__version__, triton=tv, preset=preset,
+                               modality=modality, impl=impl, mode=mode, amp=args.amp if not cpu else "none",
+                               batch=pairs, ms=round(ms, 3), pairs_per_s=round(pairs / ms * 1e3, 1),
+                               peak_MiB=round(peak, 1), speedup_vs_eager=round(e_ms / ms, 3),
+                               mem_vs_eager=round(peak / e_peak, 3) if e_peak == e_peak and e_peak else None)
+                    rows.append(row)
+                    print(" ".join(f"{k}={v}" for k, v in row.items() if k not in ("commit", "torch", "triton")),
+                          flush=True)
+                del model, opt
+                if not cpu:
+                    torch.cuda.empty_cache()
+    if args.csv and rows:
+        os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
+        with open(args.csv, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0].keys()))
+            w.writeheader()
+            w.writerows(rows)
+        print(f"wrote {args.csv}")
+    return rows
+
+
+if __name__ == "__main__":
+    main(ARGS)
