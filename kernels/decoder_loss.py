@@ -48,7 +48,10 @@ POISON_OUTPUTS = False
 # tl.dot input precision on the GPU for the bilinear fusion: "tf32" (fast, ~1e-3 relative) or "ieee" (exact
 # fp32, several times slower). The interpreter always computes in exact fp32.
 DOT_PRECISION = "tf32"
-LOSS_KINDS = {"bpr-max": 1, "pairwise": 2}
+LOSS_KINDS = {"bpr-max": 1, "bpr-max-literal": 1, "pairwise": 2}
+# bpr-max weights the other slots by softmax(WSIGN * p): -1 = bpr-max (hard others, the default), +1 = the
+# SPEC section 6 formula verbatim (see segfast.ops.reference.intra_video_loss).
+_WSIGN = {"bpr-max": -1.0, "bpr-max-literal": 1.0, "pairwise": 1.0}
 MAX_S = 128  # slots per row held in one tile (S = 40 normally; tested up to 64)
 # GPU tuning overrides merged into the launch config (keys: BLOCK_B, BK, BN, num_warps, max_programs); empty =
 # the defaults of ``_config``. For benchmarking block sizes without editing the kernel.
@@ -81,10 +84,11 @@ def _decoder_loss_kernel(
     sdxb, sdxs, sdxd, sdyb, sdys, sdyd,
     HAS_X: tl.constexpr, HAS_Y: tl.constexpr, FUSION: tl.constexpr, HF: tl.constexpr,
     HAS_POS: tl.constexpr, COMPUTE_LOGITS: tl.constexpr, LOSS: tl.constexpr, GRADS: tl.constexpr,
+    WSIGN: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    # LOSS: 0 = none (G given when GRADS), 1 = bpr-max, 2 = pairwise.
+    # LOSS: 0 = none (G given when GRADS), 1 = bpr-max (weights softmax(WSIGN * p)), 2 = pairwise.
     # HF is the number of fusion heads when FUSION, else 1 (then KH = DXD and NH = DYD).
     M: tl.constexpr = BLOCK_B * BLOCK_S
     pid = tl.program_id(0)
@@ -176,7 +180,7 @@ def _decoder_loss_kernel(
             diff = p2 - p_y[:, None]                                              # [BLOCK_B, BLOCK_S]
             sg = 1.0 / (1.0 + tl.exp(-diff))                                      # sigmoid(p_j - p_y)
             if LOSS == 1:
-                pm = tl.where(other, p2, -1e30)
+                pm = tl.where(other, WSIGN * p2, -1e30)
                 mx = tl.max(pm, axis=1)                                           # [BLOCK_B]
                 e = tl.where(other, tl.exp(pm - mx[:, None]), 0.0)
                 wsm = e / tl.sum(e, axis=1)[:, None]                              # softmax over j != y
@@ -186,7 +190,7 @@ def _decoder_loss_kernel(
                 inside = (ssum >= 1e-8) & (ssum <= 1.0 - 1e-8)
                 coef = tl.where(inside, -1.0 / tl.where(inside, ssum, 1.0), 0.0)  # dL/dS, 0 when clamped
                 t1 = wsm * sg * (1.0 - sg)                                        # w_j s_j (1 - s_j)
-                d_other = coef[:, None] * (t1 + wsm * (sg - ssum[:, None]))
+                d_other = coef[:, None] * (t1 + WSIGN * wsm * (sg - ssum[:, None]))  # + dw_j/dp_j term
                 d_y = -coef * tl.sum(t1, axis=1)                                  # [BLOCK_B]
             else:
                 # log sigmoid(d) = min(d, 0) - log(1 + exp(-|d|))
@@ -330,7 +334,7 @@ def _check(x, y, w_x, w_y, bias, fusion, pos_a, pos_c):
 
 
 def _launch(x, y, w_x, w_y, bias, fusion, pos_a, pos_c, *, target=None, G=None, loss=0,
-            compute_logits=True, grads=False):
+            compute_logits=True, grads=False, wsign=-1.0):
     """Run the kernel once; returns a dict of the requested outputs (gradients un-reduced over programs are
     summed here, in torch, in a fixed order)."""
     B, S = _check(x, y, w_x, w_y, bias, fusion, pos_a, pos_c)
@@ -392,7 +396,7 @@ def _launch(x, y, w_x, w_y, bias, fusion, pos_a, pos_c, *, target=None, G=None, 
             sx[0], sx[1], sx[2], sy[0], sy[1], sy[2],
             sdx[0], sdx[1], sdx[2], sdy[0], sdy[1], sdy[2],
             HAS_X=has_x, HAS_Y=has_y, FUSION=has_f, HF=HF, HAS_POS=has_pos,
-            COMPUTE_LOGITS=compute_logits, LOSS=loss, GRADS=grads,
+            COMPUTE_LOGITS=compute_logits, LOSS=loss, GRADS=grads, WSIGN=float(wsign),
             BLOCK_B=BLOCK_B, BLOCK_S=cfg["BLOCK_S"], BK=cfg["BK"], BN=cfg["BN"],
             PREC=DOT_PRECISION, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
@@ -434,7 +438,7 @@ class _DecodeAndLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, w_x, w_y, bias, fusion, pos_a, pos_c, target, kind):
         inputs = (x, y, w_x, w_y, bias, fusion, pos_a, pos_c)
-        out = _launch(*inputs, target=target, loss=LOSS_KINDS[kind], grads=True)
+        out = _launch(*inputs, target=target, loss=LOSS_KINDS[kind], grads=True, wsign=_WSIGN[kind])
         ctx.set_materialize_grads(False)
         ctx.inputs = inputs  # saved by reference (not save_for_backward: the chain path re-reads x, y)
         ctx.dlogits = out["dlogits"]
@@ -513,6 +517,6 @@ def decode_and_loss(x, y, w_x, w_y, bias, fusion, pos_a, pos_c, target, kind: st
     if ref is not None and ref.shape[1] < 2:
         raise ValueError("the intra-video loss needs S >= 2 slots")
     if not _needs_grad(*args):
-        out = _launch(*args, target=target, loss=LOSS_KINDS[kind], grads=False)
+        out = _launch(*args, target=target, loss=LOSS_KINDS[kind], grads=False, wsign=_WSIGN[kind])
         return out["logits"], out["loss"]
     return _DecodeAndLoss.apply(*args, target, kind)

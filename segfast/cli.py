@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--modality", choices=["id", "visual", "both"], default="both")
     s.add_argument("--preset", choices=["small", "paper-code"], default="small")
-    s.add_argument("--loss", choices=["bpr-max", "pairwise", "bce"], default=None)
+    s.add_argument("--loss", choices=["bpr-max", "bpr-max-literal", "pairwise", "bce"], default=None)
     s.add_argument("--ablation", choices=["none", "cross-only", "self-only", "no-attention", "no-position"], default=None)
     s.add_argument("--epochs", type=int, default=None)
     s.add_argument("--batch-size", type=int, default=None)

@@ -60,7 +60,7 @@ def score_rows(run_dir, data_dir, rows: np.ndarray, batch_size: int = 1024):
     prepared = load_prepared(data_dir)
     model, meta = load_run(run_dir, which="best", device="cpu")
     check_compatible(meta, prepared)
-    asm = BatchAssembler(prepared, features=model.config.uses_visual)
+    asm = BatchAssembler(prepared, features=model.config.uses_visual, max_user_tokens=model.config.max_user_tokens)
     out = []
     with torch.no_grad():
         for i in range(0, len(rows), batch_size):

@@ -5,16 +5,22 @@
 (a plain ``python`` run is rank 0 of 1); :func:`init` starts the process group (gloo on CPU, nccl on GPU,
 ``env://`` rendezvous) with a long timeout, because the final barrier of a long scoring run waits for the
 slowest rank; :func:`destroy` ends it. Every helper is a no-op with a world size of 1.
+
+Training (``segfast.train``) also uses :func:`all_reduce_sum` (kept-row counts and losses of the shards of a
+global batch) and :func:`on_rank0` (rank 0 alone evaluates and writes; the others receive its JSON result, or
+raise when it failed, instead of waiting forever). Payloads cross ranks as JSON bytes, never pickle.
 """
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 __all__ = ["DistInfo", "env_info", "backend_for", "device_for", "init", "barrier", "destroy",
-           "is_initialized", "process_group", "all_ok", "DEFAULT_TIMEOUT_S"]
+           "is_initialized", "process_group", "all_ok", "all_reduce_sum", "broadcast_bytes", "on_rank0",
+           "RankFailed", "DEFAULT_TIMEOUT_S"]
 
 DEFAULT_TIMEOUT_S = 7 * 24 * 3600  # a barrier may wait for a whole long scoring run
 
@@ -123,10 +129,87 @@ def all_ok(ok: bool) -> bool:
     import torch
     import torch.distributed as dist
 
-    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    t = torch.tensor([1 if ok else 0], dtype=torch.int32, device=dev)
+    t = torch.tensor([1 if ok else 0], dtype=torch.int32, device=_comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item())
+
+
+def _comm_device():
+    """The device collectives of the default group run on: the current CUDA device under nccl, else CPU."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(values) -> list:
+    """Element-wise sum over all ranks of a list of numbers (float64); the list itself without a process group."""
+    values = [float(v) for v in values]
+    if not is_initialized():
+        return values
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.cpu().tolist()
+
+
+def broadcast_bytes(data: bytes | None, src: int = 0) -> bytes:
+    """``data`` of rank ``src`` on every rank (the argument is ignored elsewhere); ``data`` without a group."""
+    if not is_initialized():
+        return bytes(data or b"")
+    import torch
+    import torch.distributed as dist
+
+    dev = _comm_device()
+    mine = dist.get_rank() == src
+    n = torch.tensor([len(data) if mine else 0], dtype=torch.int64, device=dev)
+    dist.broadcast(n, src)
+    size = int(n.item())
+    if size == 0:
+        return b""
+    if mine:
+        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(dev)
+    else:
+        buf = torch.empty(size, dtype=torch.uint8, device=dev)
+    dist.broadcast(buf, src)
+    return buf.cpu().numpy().tobytes()
+
+
+class RankFailed(RuntimeError):
+    """Raised on the other ranks when rank 0 failed inside :func:`on_rank0` (rank 0 raises the original)."""
+
+
+def on_rank0(fn, what: str = "a rank-0 step"):
+    """Run ``fn()`` on rank 0 only and return its result on every rank.
+
+    The result must be JSON-serialisable (the other ranks get its JSON round trip). When ``fn`` raises on
+    rank 0, rank 0 re-raises it and every other rank raises :class:`RankFailed` naming ``what`` and the error,
+    so no rank is left waiting at a later collective. Without a process group: ``fn()``."""
+    if not is_initialized():
+        return fn()
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        err, result = None, None
+        try:
+            result = fn()
+            payload = {"ok": True, "result": result}
+            text = json.dumps(payload)
+        except BaseException as e:  # noqa: BLE001 -- re-raised below after telling the other ranks
+            err = e
+            text = json.dumps({"ok": False, "error": f"{type(e).__name__}: {e}"})
+        broadcast_bytes(text.encode())
+        if err is not None:
+            raise err
+        return result
+    msg = json.loads(broadcast_bytes(None).decode())
+    if not msg["ok"]:
+        raise RankFailed(f"rank {dist.get_rank()}: {what} failed on rank 0: {msg['error']}")
+    return msg["result"]
 
 
 def destroy() -> None:

@@ -561,8 +561,11 @@ def evaluate_run(data_dir, run_dir, split: str = "test", batch_size: int = 1024,
             model.eval()
         dev = torch.device(device)
         with torch.no_grad():
-            for batch in make_loader(prepared, split, batch_size, shuffle=False, features=None,
-                                     exclude_full_40=True):
+            mc = getattr(model, "config", None)
+            feats = mc.uses_visual if mc is not None else None  # an ID model needs no feature gather
+            mut = {"max_user_tokens": mc.max_user_tokens} if mc is not None else {}
+            for batch in make_loader(prepared, split, batch_size, shuffle=False, features=feats,
+                                     exclude_full_40=True, **mut):
                 cpu = {k: batch[k] for k in ("row", "target", "n_segments", "is_cold") if k in batch}
                 if dev.type != "cpu":
                     batch = {k: (v.to(dev, non_blocking=True) if torch.is_tensor(v) else v)

@@ -14,6 +14,31 @@
   dev {...}, pairs_per_s, elapsed_s}; on resume, lines newer than the checkpoint are dropped.
 - When the run stops (epochs done, early stop, or max_steps), RUN/model.safetensors gets the best weights
   (the current ones if no evaluation happened yet) and RUN/metrics.json the summary.
+
+Several processes (``torchrun --nproc-per-node K -m segfast train ...``; WORLD_SIZE > 1 in the environment):
+
+- The process group is started from the environment (``segfast.distributed``: gloo on CPU, nccl on CUDA, where
+  ``--device cuda`` means ``cuda:LOCAL_RANK``) and the model is wrapped in DistributedDataParallel
+  (``find_unused_parameters`` only when a probe step finds parameters without gradient, e.g. the self-only
+  and no-attention ablations leave the user-side representation unused).
+- Every rank draws the same global batches as a single process (``batch_size`` rows, order from (seed,
+  epoch)); rank r takes the r-th of ``world_size`` contiguous slices (``np.array_split``). ``batch_size``
+  must be divisible by the world size. A rank whose slice of a short last batch is empty runs one stand-in
+  row with loss weight 0, so that it still joins DDP's gradient reduction.
+- Loss weighting: the loss is a mean over kept rows (target < 40). Rank r's loss is multiplied by
+  ``kept_r / kept_global * world_size`` (kept counts all-reduced each step) before backward; DDP averages the
+  gradients over the ranks, so the result is the gradient of the mean over the global batch's kept rows, i.e.
+  of single-process training on the same batch, up to fp32 reduction order. The logged loss is the
+  kept-weighted mean over ranks (all-reduced, so every rank sees the same value and a non-finite loss stops
+  all of them).
+- Dropout and the no-position shuffle draw from the global RNG, which each rank reseeds every step from
+  (seed, rank, step): ranks draw different masks (a rank's slice would otherwise repeat rank 0's masks), and
+  a resumed run continues the same streams. With dropout > 0 the masks differ from a single process's, so
+  only ``dropout=0`` runs match single-process training.
+- Rank 0 alone evaluates dev, writes ``last/``, ``best/``, metrics and the summary, and shows the progress
+  bar; its early-stopping decision (and any error) is broadcast so that all ranks stop together. The other
+  ranks never write into the run directory. On resume every rank loads ``last/`` (on several nodes the run
+  directory must be on a shared filesystem). The number of processes may change between sessions.
 """
 from __future__ import annotations
 
@@ -29,6 +54,7 @@ import numpy as np
 import torch
 
 from segfast import MAX_SLOTS
+from segfast import distributed as sfdist
 from segfast.checkpoint import (CheckpointError, data_fingerprint, load_state, read_json, read_run_config,
                                 save_model, save_state, state_dir, write_json, write_run_config)
 from segfast.model.config import ModelConfig, TrainConfig
@@ -61,6 +87,72 @@ class _SkipSampler(torch.utils.data.Sampler):
         for _ in range(self.skip):
             next(it, None)
         yield from it
+
+
+class _ShardSampler(torch.utils.data.Sampler):
+    """Yields (this rank's contiguous slice of each global batch of ``base``, its number of real rows).
+
+    An empty slice (a last batch shorter than the world size) becomes the batch's first row with 0 real
+    rows: the rank still runs forward/backward (DDP needs every rank in each gradient reduction) and weights
+    that row's loss by 0."""
+
+    def __init__(self, base, rank: int, world_size: int):
+        self.base, self.rank, self.world_size = base, int(rank), int(world_size)
+
+    def __len__(self):
+        return len(self.base)
+
+    def __iter__(self):
+        for rows in self.base:
+            part = np.array_split(rows, self.world_size)[self.rank]
+            if part.size:
+                yield part, int(part.size)
+            else:
+                yield rows[:1], 0
+
+
+class _ShardDataset(torch.utils.data.Dataset):
+    def __init__(self, base):
+        self.base = base
+
+    def __getitem__(self, item):
+        rows, n_real = item
+        return self.base[rows], n_real
+
+
+class _LossModule(torch.nn.Module):
+    """What DDP wraps: forward(batch) = model.loss(batch) (DDP hooks only ``forward``)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        return self.model.loss(batch)
+
+
+def _step_seed(seed: int, rank: int, step: int) -> int:
+    """The global-RNG seed of (seed, rank, step) under DDP (a 64-bit SeedSequence draw)."""
+    ss = np.random.SeedSequence([int(seed) & 0xFFFFFFFFFFFFFFFF, int(rank), int(step)])
+    return int(ss.generate_state(1, np.uint64)[0])
+
+
+def _unused_parameters(model, batch) -> list:
+    """Names of the trainable parameters that get no gradient from model.loss(batch) (a probe step; the
+    caller reseeds the RNG before training)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    _, loss = model.loss(batch)
+    grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+    return [n for (n, _), g in zip(named, grads) if g is None]
+
+
+def _dist_device(device_str: str, info) -> torch.device:
+    """This rank's device: 'cuda' -> cuda:LOCAL_RANK; an explicit other CUDA index is refused."""
+    device = torch.device(sfdist.device_for(device_str, info))
+    if device.type == "cuda" and device.index is not None and device.index != info.local_rank:
+        raise ValueError(f"TrainConfig.device={device_str!r} under torchrun: rank {info.rank} has LOCAL_RANK="
+                         f"{info.local_rank}, so its device is cuda:{info.local_rank}; pass --device cuda")
+    return device
 
 
 @contextlib.contextmanager
@@ -175,23 +267,45 @@ def train(data_dir, out_dir, model_config: ModelConfig, train_config: TrainConfi
 
     ``max_steps`` stops after that many optimizer steps in total (counting steps of earlier sessions of a
     resumed run) and leaves a resumable ``last/``. Calling again with the same arguments resumes.
-    Returns the summary also written to RUN/metrics.json."""
+    Returns the summary also written to RUN/metrics.json.
+
+    Under torchrun (WORLD_SIZE > 1) this trains with DistributedDataParallel (see the module docstring);
+    every rank returns the summary."""
+    tc = train_config.validate()
+    if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 0):
+        raise ValueError(f"max_steps: expected None or an integer >= 0, got {max_steps!r}")
+    info = sfdist.env_info()
+    if not info.distributed:
+        device = torch.device(tc.device)
+    else:
+        if tc.batch_size % info.world_size:
+            raise ValueError(f"TrainConfig.batch_size={tc.batch_size} is not divisible by WORLD_SIZE="
+                             f"{info.world_size}: each global batch is split into {info.world_size} equal "
+                             f"slices, one per process; use a multiple of {info.world_size} (--batch-size)")
+        device = _dist_device(tc.device, info)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"TrainConfig.device={tc.device!r} but CUDA is not available")
+    with sfdist.process_group(str(device)) as info:
+        return _train(data_dir, out_dir, model_config, tc, progress, max_steps, device, info)
+
+
+def _train(data_dir, out_dir, model_config: ModelConfig, tc: TrainConfig, progress: bool,
+           max_steps: Optional[int], device: torch.device, info) -> dict:
     from tqdm.auto import tqdm
 
     from segfast.data.batches import make_loader
     from segfast.data.prepared import load_prepared
 
-    tc = train_config.validate()
-    if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 0):
-        raise ValueError(f"max_steps: expected None or an integer >= 0, got {max_steps!r}")
-    device = torch.device(tc.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"TrainConfig.device={tc.device!r} but CUDA is not available")
+    ddp = info.distributed
+    rank0 = info.rank == 0
     prepared = load_prepared(data_dir)
     mc = model_config.for_data(prepared.n_users, prepared.n_videos, prepared.feature_dim)
     data = data_fingerprint(prepared)
     out = Path(out_dir)
-    resume = _check_out_dir(out, mc, tc, data)
+    if ddp:  # only rank 0 looks at the run directory (a refusal there raises on every rank)
+        resume = bool(sfdist.on_rank0(lambda: _check_out_dir(out, mc, tc, data), "checking the run directory"))
+    else:
+        resume = _check_out_dir(out, mc, tc, data)
 
     target = np.asarray(prepared.interactions["target"])
     for split in ("train", "dev"):
@@ -217,17 +331,50 @@ def train(data_dir, out_dir, model_config: ModelConfig, train_config: TrainConfi
         st = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_ndcg5": None, "best_step": None,
               "best_dev": None, "bad_evals": 0, "finished": False, "stopped": None, "loss_sum": 0.0,
               "loss_n": 0, "evals": 0}
-        if resume:
+        if resume and not ddp:
             st = load_state(out, "last", model, optimizer=opt, device=device)
             _rewrite_jsonl(metrics_path, st["step"])
             if st.get("finished"):
                 summary_path = out / "metrics.json"
                 return read_json(summary_path) if summary_path.is_file() else st
+        elif resume:  # every rank loads last/; a rank that cannot makes all of them raise
+            err = None
+            try:
+                st = load_state(out, "last", model, optimizer=opt, device=device)
+            except Exception as e:  # noqa: BLE001 -- re-raised after the others are told
+                err = e
+            if not sfdist.all_ok(err is None):
+                if err is not None:
+                    raise RuntimeError(f"rank {info.rank}: cannot load {out / 'last'} to resume ({err}); every "
+                                       "rank reads the run directory on resume, so with several nodes it must "
+                                       "be on a shared filesystem") from err
+                raise RuntimeError(f"rank {info.rank}: another rank could not load {out / 'last'} to resume "
+                                   "(see its error)")
+            if rank0:
+                _rewrite_jsonl(metrics_path, st["step"])
+            if st.get("finished"):
+                summary_path = out / "metrics.json"
+                return read_json(summary_path) if summary_path.is_file() else st
         else:
-            out.mkdir(parents=True, exist_ok=True)
-            write_run_config(out, mc, tc, data)
-            if metrics_path.exists():
-                metrics_path.unlink()
+            def new_run():
+                out.mkdir(parents=True, exist_ok=True)
+                write_run_config(out, mc, tc, data)
+                if metrics_path.exists():
+                    metrics_path.unlink()
+            if ddp:
+                sfdist.on_rank0(new_run, "creating the run directory")
+            else:
+                new_run()
+
+        net = model
+        if ddp:
+            probe = batch_to(train_loader.dataset[train_loader.sampler.rows[:2]], device)
+            unused = _unused_parameters(model, probe)
+            del probe
+            find_unused = not sfdist.all_ok(not unused)
+            net = torch.nn.parallel.DistributedDataParallel(
+                _LossModule(model), device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=find_unused)
 
         def checkpoint():
             save_state(out, "last", model, st, optimizer=opt, device=device)
@@ -278,18 +425,38 @@ def train(data_dir, out_dir, model_config: ModelConfig, train_config: TrainConfi
             t_last, pairs_since = time.perf_counter(), 0
             return stop
 
+        if ddp:  # rank 0 evaluates and writes; the others get its decision / summary (or its error)
+            def stop_run(stopped: str) -> dict:
+                return sfdist.on_rank0(lambda: finish(stopped), f"finishing the run ({stopped})")
+
+            def eval_step() -> bool:
+                return bool(sfdist.on_rank0(evaluate, "dev evaluation"))
+
+            def checkpoint_step() -> None:
+                sfdist.on_rank0(checkpoint, "writing last/")
+        else:
+            stop_run, eval_step, checkpoint_step = finish, evaluate, checkpoint
+
         total = steps_per_epoch * tc.epochs
         if max_steps is not None:
             total = min(total, max_steps)
-        bar = tqdm(total=total, initial=min(st["step"], total), desc="train", unit="step", disable=not progress,
-                   dynamic_ncols=True)
-        model.train()
+        bar = tqdm(total=total, initial=min(st["step"], total), desc="train", unit="step",
+                   disable=not (progress and rank0), dynamic_ncols=True)
+        net.train()
         try:
             while st["epoch"] < tc.epochs:
                 if max_steps is not None and st["step"] >= max_steps:
-                    return finish("max_steps")
+                    return stop_run("max_steps")
                 train_loader.set_epoch(st["epoch"])
-                if st["batch_in_epoch"]:
+                if ddp:
+                    sampler = train_loader.sampler
+                    if st["batch_in_epoch"]:
+                        sampler = _SkipSampler(sampler, st["batch_in_epoch"])
+                    it = torch.utils.data.DataLoader(
+                        _ShardDataset(train_loader.dataset), batch_size=None, num_workers=tc.num_workers,
+                        generator=gen, sampler=_ShardSampler(sampler, info.rank, info.world_size),
+                        pin_memory=device.type == "cuda")
+                elif st["batch_in_epoch"]:
                     it = torch.utils.data.DataLoader(
                         train_loader.dataset, batch_size=None, num_workers=tc.num_workers, generator=gen,
                         sampler=_SkipSampler(train_loader.sampler, st["batch_in_epoch"]),
@@ -298,19 +465,46 @@ def train(data_dir, out_dir, model_config: ModelConfig, train_config: TrainConfi
                     it = train_loader
                 evaluated_at = None
                 for batch in it:
-                    _check_finite(batch, data_dir)
+                    if ddp:
+                        batch, n_real = batch
+                        kept = int((batch["target"] < MAX_SLOTS).sum()) if n_real else 0
+                        try:
+                            _check_finite(batch, data_dir)
+                            bad = None
+                        except TrainDataError as e:  # raised on every rank after the all_reduce below
+                            bad = e
+                    else:
+                        _check_finite(batch, data_dir)
                     batch = batch_to(batch, device, non_blocking=True)
-                    _, loss = model.loss(batch)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
+                    if ddp:
+                        torch.manual_seed(_step_seed(tc.seed, info.rank, st["step"]))
+                        kept_g, rows_g, bad_g = sfdist.all_reduce_sum([kept, n_real, bad is not None])
+                        if bad_g:
+                            raise bad or TrainDataError(
+                                f"{data_dir}: another rank found non-finite segment features in its slice of "
+                                f"the batch of step {st['step'] + 1}; see that rank's error")
+                        # mean over this rank's kept rows -> its share of the global mean; DDP divides by world
+                        weight = kept / kept_g * info.world_size if kept_g else 0.0
+                        _, loss = net(batch)
+                        opt.zero_grad(set_to_none=True)
+                        (loss * weight).backward()
+                    else:
+                        _, loss = model.loss(batch)
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
                     if tc.grad_clip is not None:
                         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
                     opt.step()
-                    lv = float(loss.detach())
+                    if ddp:
+                        lsum = sfdist.all_reduce_sum([float(loss.detach()) * kept if kept else 0.0])[0]
+                        lv = lsum / kept_g if kept_g else 0.0
+                        b = int(rows_g)
+                    else:
+                        lv = float(loss.detach())
+                        b = int(batch["target"].shape[0])
                     if not math.isfinite(lv):
                         raise FloatingPointError(f"non-finite training loss {lv} at step {st['step'] + 1} "
                                                  f"(epoch {st['epoch']}); try a lower lr or grad_clip")
-                    b = int(batch["target"].shape[0])
                     st["step"] += 1
                     st["batch_in_epoch"] += 1
                     st["loss_sum"] += lv * b
@@ -323,17 +517,17 @@ def train(data_dir, out_dir, model_config: ModelConfig, train_config: TrainConfi
                                         best=st["best_ndcg5"], refresh=False)
                     if st["step"] % tc.eval_every == 0:
                         evaluated_at = st["step"]
-                        if evaluate():
-                            return finish("early_stop")
+                        if eval_step():
+                            return stop_run("early_stop")
                     if max_steps is not None and st["step"] >= max_steps:
-                        return finish("max_steps")
+                        return stop_run("max_steps")
                 st["epoch"] += 1
                 st["batch_in_epoch"] = 0
                 if evaluated_at == st["step"]:
-                    checkpoint()  # already evaluated at this step; record the epoch boundary
-                elif evaluate():
-                    return finish("early_stop")
-            return finish("epochs")
+                    checkpoint_step()  # already evaluated at this step; record the epoch boundary
+                elif eval_step():
+                    return stop_run("early_stop")
+            return stop_run("epochs")
         finally:
             bar.close()
 

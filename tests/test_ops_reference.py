@@ -127,10 +127,11 @@ P = [0.5, -1.0, 2.0, 0.0]
 Y = 1
 
 
-def _bpr_max_hand(p, y):
+def _bpr_max_hand(p, y, sign=-1.0):
+    """sign -1: bpr-max (w = softmax(-p) over the other slots); +1: bpr-max-literal (softmax(+p))."""
     others = [j for j in range(len(p)) if j != y]
-    z = sum(math.exp(p[j]) for j in others)
-    s = sum(math.exp(p[j]) / z * _sig(p[j] - p[y]) for j in others)
+    z = sum(math.exp(sign * p[j]) for j in others)
+    s = sum(math.exp(sign * p[j]) / z * _sig(p[j] - p[y]) for j in others)
     return -math.log(min(max(s, 1e-8), 1 - 1e-8))
 
 
@@ -139,14 +140,27 @@ def _pairwise_hand(p, y):
     return -sum(math.log(_sig(p[j] - p[y])) for j in others) / (len(p) - 1)
 
 
-def test_bpr_max_hand_computed():
-    # expanded: w = softmax(0.5, 2.0, 0.0); terms sigmoid(1.5), sigmoid(3.0), sigmoid(1.0)
+def test_bpr_max_literal_hand_computed():
+    # SPEC section 6 verbatim: w = softmax(0.5, 2.0, 0.0); terms sigmoid(1.5), sigmoid(3.0), sigmoid(1.0)
     e = [math.exp(0.5), math.exp(2.0), math.exp(0.0)]
+    s = (e[0] * _sig(1.5) + e[1] * _sig(3.0) + e[2] * _sig(1.0)) / sum(e)
+    expect = -math.log(s)
+    assert abs(expect - _bpr_max_hand(P, Y, sign=1.0)) < 1e-12
+    got = R.intra_video_loss(torch.tensor([P], dtype=torch.float64), torch.tensor([Y]), "bpr-max-literal")
+    assert abs(float(got) - expect) < 1e-12
+
+
+def test_bpr_max_hand_computed():
+    # hard-other weighting: w = softmax(-0.5, -2.0, -0.0); the same sigmoid terms
+    e = [math.exp(-0.5), math.exp(-2.0), math.exp(0.0)]
     s = (e[0] * _sig(1.5) + e[1] * _sig(3.0) + e[2] * _sig(1.0)) / sum(e)
     expect = -math.log(s)
     assert abs(expect - _bpr_max_hand(P, Y)) < 1e-12
     got = R.intra_video_loss(torch.tensor([P], dtype=torch.float64), torch.tensor([Y]), "bpr-max")
     assert abs(float(got) - expect) < 1e-12
+    # the slot scored furthest below the leave slot weighs most: raising it lowers the loss most
+    lit = R.intra_video_loss(torch.tensor([P], dtype=torch.float64), torch.tensor([Y]), "bpr-max-literal")
+    assert float(got) > float(lit)
 
 
 def test_pairwise_hand_computed():
@@ -178,7 +192,7 @@ def test_loss_excludes_target_S_rows_and_means_over_kept():
         R.intra_video_loss(p, t, "bce")
 
 
-@pytest.mark.parametrize("kind", ["bpr-max", "pairwise", "bce"])
+@pytest.mark.parametrize("kind", ["bpr-max", "bpr-max-literal", "pairwise", "bce"])
 def test_intra_video_loss_gradcheck(kind):
     p = _rand(3, 6)
     t = torch.tensor([0, 2, 6])

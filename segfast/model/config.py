@@ -21,7 +21,7 @@ __all__ = ["ModelConfig", "TrainConfig", "ConfigError", "PRESETS", "MODALITIES",
 
 MODALITIES = ("id", "visual", "both")
 ABLATIONS = ("none", "cross-only", "self-only", "no-attention", "no-position")
-LOSSES = ("bpr-max", "pairwise", "bce")
+LOSSES = ("bpr-max", "bpr-max-literal", "pairwise", "bce")
 BACKENDS = ("torch", "triton")
 
 

@@ -54,7 +54,7 @@ def intra_video_loss(logits, target, kind="bpr-max", labels=None, slot_mask=None
 
 def decode_and_loss(x, y, w_x, w_y, bias, fusion, pos_a, pos_c, target, kind="bpr-max",
                     labels=None, slot_mask=None, backend: Optional[str] = None):
-    if _resolve(backend) == "triton" and kind in ("bpr-max", "pairwise"):
+    if _resolve(backend) == "triton" and kind in ("bpr-max", "bpr-max-literal", "pairwise"):
         from segfast.kernels import decoder_loss as _k
         return _k.decode_and_loss(x, y, w_x, w_y, bias, fusion, pos_a, pos_c, target, kind=kind)
     return reference.decode_and_loss(x, y, w_x, w_y, bias, fusion, pos_a, pos_c, target, kind, labels, slot_mask)

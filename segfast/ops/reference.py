@@ -100,7 +100,12 @@ def intra_video_loss(
     """Intra-video loss over all S slots (padding included, as the authors do), mean over kept rows.
 
     logits: [B, S]; target: [B] int (rows with target >= S are excluded).
-    bpr-max: w = softmax over the other slots' logits; loss = -log(clamp(sum_j w_j sigmoid(p_j - p_y))).
+    bpr-max: BPR-max oriented as the task is (the leave slot y must score LOWEST): the other slots are
+      weighted by w = softmax_{j != y}(-p_j), so the hard ones (scored at or below p_y) dominate;
+      loss = -log(clamp(sum_j w_j sigmoid(p_j - p_y), 1e-8, 1 - 1e-8)).
+    bpr-max-literal: SPEC section 6 verbatim, w = softmax_{j != y}(+p_j): the weight sits on the slots that
+      are already far above p_y (the easy ones), and with the spec's position bias (a = c = 1) the loss
+      starts saturated at 0 and the model never leaves the position prior (csrc_notes/../docs/model.md).
     pairwise: per-row mean over the other slots of -log sigmoid(p_j - p_y) (paper eq. 8).
     bce: per-slot BCE on real slots (slot_mask), label 1 -> 1, else 0.
     """
@@ -122,14 +127,15 @@ def intra_video_loss(
         py = p.gather(1, ty[:, None])  # [B, 1]
         other = torch.ones_like(p, dtype=torch.bool).scatter(1, ty[:, None], False)
         diff = p - py
-        if kind == "bpr-max":
-            w = torch.softmax(p.masked_fill(~other, _NEG), dim=1)
+        if kind in ("bpr-max", "bpr-max-literal"):
+            sign = -1.0 if kind == "bpr-max" else 1.0
+            w = torch.softmax((sign * p).masked_fill(~other, _NEG), dim=1)
             s = (w * torch.sigmoid(diff)).sum(1)
             per = -torch.log(s.clamp(1e-8, 1 - 1e-8))
         elif kind == "pairwise":
             per = -(torch.nn.functional.logsigmoid(diff) * other.to(dt)).sum(1) / (S - 1)
         else:
-            raise ValueError(f"unknown loss {kind!r}; expected bpr-max, pairwise or bce")
+            raise ValueError(f"unknown loss {kind!r}; expected bpr-max, bpr-max-literal, pairwise or bce")
     per = per * keep.to(dt)
     return per.sum() / n_keep.clamp_min(1).to(dt)
 
