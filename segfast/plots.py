@@ -169,7 +169,8 @@ def training_curve(metrics_jsonl, out_png, metric: str = "NDCG@5") -> str:
 
 
 def interest_vs_truth(pred_interest, true_interest, labels: Sequence[str], out_png, title: str = "",
-                      leave_slots: Optional[Sequence[int]] = None) -> str:
+                      leave_slots: Optional[Sequence[int]] = None,
+                      pred_label: str = "predicted sigmoid(p)") -> str:
     """One small panel per (user, video): predicted interest sigmoid(p) (line) beside the planted truth
     (bars; synth's ground_truth.parquet ``interest``), optionally with the actual leave segment marked.
     ``pred_interest`` / ``true_interest``: sequences of 1-D arrays of equal length per panel."""
@@ -186,7 +187,7 @@ def interest_vs_truth(pred_interest, true_interest, labels: Sequence[str], out_p
         ax = axes[j, 0]
         x = np.arange(pr.shape[0])
         ax.bar(x, tr, color="lightgray", label="planted interest")
-        ax.plot(x, pr, "o-", color="tab:blue", label="predicted sigmoid(p)")
+        ax.plot(x, pr, "o-", color="tab:blue", label=pred_label)
         if leave_slots is not None and leave_slots[j] is not None and leave_slots[j] < pr.shape[0]:
             ax.axvline(leave_slots[j], color="red", linestyle="--", label="left here")
         ax.set_ylim(0, 1)
