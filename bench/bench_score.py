@@ -44,11 +44,11 @@ def build(root: Path, users: int, videos: int, interactions: int, dim: int) -> P
     return root / "prep"
 
 
-def make_run(root: Path, prepared, modality: str) -> Path:
-    cfg = model_preset("small", modality=modality).for_data(prepared.n_users, prepared.n_videos,
+def make_run(root: Path, prepared, modality: str, preset: str = "small") -> Path:
+    cfg = model_preset(preset, modality=modality).for_data(prepared.n_users, prepared.n_videos,
                                                              prepared.feature_dim)
     torch.manual_seed(0)
-    rd = root / f"run-{modality}"
+    rd = root / f"run-{preset}-{modality}"
     rd.mkdir()
     write_run_config(rd, cfg, None, data_fingerprint(prepared))
     save_model(rd / "model.safetensors", SegInterestModel(cfg))
@@ -79,6 +79,11 @@ def main() -> None:
     ap.add_argument("--profile", default="", help="modality to run under cProfile (top functions printed)")
     ap.add_argument("--workdir", default=None, help="keep the data here (default: a temp dir, removed)")
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--presets", default="small", help="comma list of small,paper-code")
+    ap.add_argument("--backends", default="torch", help="comma list of torch,triton")
+    ap.add_argument("--csv", default=None, help="also write one row per run to this CSV (gpu_check)")
+    ap.add_argument("--commit", default="unknown")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -91,37 +96,50 @@ def main() -> None:
             build(root, a.users, a.videos, a.interactions, a.feature_dim)
         p = load_prepared(prep)
         print(p)
-        for modality in a.modalities.split(","):
-            n = a.pairs if modality == "id" else a.visual_pairs
-            pairs = root / f"pairs-{n}.parquet"
-            if not pairs.is_file():
-                make_pairs(pairs, p, n)
-            rd = root / f"run-{modality}"
-            if not rd.is_dir():
-                make_run(root, p, modality)
-            out = root / f"out-{modality}"
-            shutil.rmtree(out, ignore_errors=True)
-            prof = cProfile.Profile() if modality == a.profile else None
-            t0 = time.perf_counter()
-            if prof:
-                prof.enable()
-            man = score(rd, prep, pairs, out, batch_size=a.batch_size, part_rows=a.part_rows, progress=False)
-            if prof:
-                prof.disable()
-            wall = time.perf_counter() - t0
-            tm = man["timing"]
-            r = {"pairs": n, "wall_s": round(wall, 2), "pairs_per_s_end_to_end": round(n / wall, 1),
-                 "s_per_1M_pairs": round(wall * 1e6 / n, 1), "setup_s": tm["ranks"][0]["setup_s"],
-                 "scoring_wall_s": tm["scoring_wall_s"], "data_s": tm["data_s"], "wait_s": tm["wait_s"],
-                 "compute_s": tm["compute_s"], "write_s": tm["write_s"],
-                 "effective_batch_size": man["effective_batch_size"],
-                 "out_mib": round(sum(f.stat().st_size for f in out.glob("part-*")) / 2**20, 1)}
-            results["runs"][modality] = r
-            print(f"{modality:7s} {json.dumps(r)}")
-            if prof:
-                s = io.StringIO()
-                pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(15)
-                print(s.getvalue())
+        rows = []
+        for preset in a.presets.split(","):
+            for modality in a.modalities.split(","):
+                n = a.pairs if modality == "id" else a.visual_pairs
+                pairs = root / f"pairs-{n}.parquet"
+                if not pairs.is_file():
+                    make_pairs(pairs, p, n)
+                rd = root / f"run-{preset}-{modality}"
+                if not rd.is_dir():
+                    make_run(root, p, modality, preset)
+                for backend in a.backends.split(","):
+                    out = root / f"out-{preset}-{modality}-{backend}"
+                    shutil.rmtree(out, ignore_errors=True)
+                    prof = cProfile.Profile() if modality == a.profile else None
+                    t0 = time.perf_counter()
+                    if prof:
+                        prof.enable()
+                    man = score(rd, prep, pairs, out, batch_size=a.batch_size, part_rows=a.part_rows,
+                                progress=False, device=a.device, backend=backend)
+                    if prof:
+                        prof.disable()
+                    wall = time.perf_counter() - t0
+                    tm = man["timing"]
+                    r = {"preset": preset, "modality": modality, "backend": backend, "device": a.device,
+                         "pairs": n, "wall_s": round(wall, 2), "pairs_per_s_end_to_end": round(n / wall, 1),
+                         "s_per_1M_pairs": round(wall * 1e6 / n, 1), "setup_s": tm["ranks"][0]["setup_s"],
+                         "scoring_wall_s": tm["scoring_wall_s"], "data_s": tm["data_s"], "wait_s": tm["wait_s"],
+                         "compute_s": tm["compute_s"], "write_s": tm["write_s"],
+                         "effective_batch_size": man["effective_batch_size"],
+                         "out_mib": round(sum(f.stat().st_size for f in out.glob("part-*")) / 2**20, 1)}
+                    results["runs"][f"{preset}/{modality}/{backend}"] = r
+                    rows.append(dict(commit=a.commit, torch=torch.__version__, **r))
+                    print(f"{preset} {modality:7s} {backend}: {json.dumps(r)}", flush=True)
+                    if prof:
+                        s = io.StringIO()
+                        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(15)
+                        print(s.getvalue())
+        if a.csv and rows:
+            import csv
+
+            with open(a.csv, "w", newline="") as fh:
+                w = csv.DictWriter(fh, fieldnames=list(rows[0].keys()))
+                w.writeheader()
+                w.writerows(rows)
         if a.json:
             Path(a.json).write_text(json.dumps(results, indent=2) + "\n")
     finally:

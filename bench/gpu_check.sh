@@ -19,14 +19,18 @@ PY
 cat "$out/env.txt"
 status=0
 echo "== kernel tests on the GPU (compiled) =="
-timeout 150 $PY -m pytest -q -x tests/test_kernel_cross_attention.py tests/test_kernel_decoder_loss.py \
+timeout 120 $PY -m pytest -q -x tests/test_kernel_cross_attention.py tests/test_kernel_decoder_loss.py \
   2>&1 | tee "$out/tests.txt" | tail -n 15 || status=1
 echo "== benchmarks =="
 # per-benchmark time limits keep the whole check under 8 minutes (each prints its rows as it goes)
-for spec in bench_attention:90 bench_decoder:60 bench_train_step:170; do
+for spec in bench_attention:80 bench_decoder:50 bench_train_step:150; do
   b=${spec%%:*}; t=${spec##*:}
   timeout "$t" $PY bench/$b.py --device cuda --csv "$out/$b.csv" --commit "$commit" 2>&1 | tee "$out/$b.log" \
     | grep -v Warning | tail -n 30 || status=1
 done
+echo "== end-to-end scoring (read, assemble, model, write; time split in the CSV) =="
+timeout 60 $PY bench/bench_score.py --device cuda --presets small,paper-code --modalities id,both \
+  --backends torch,triton --pairs 400000 --visual-pairs 100000 --users 200 --videos 5000 --interactions 40000 \
+  --csv "$out/bench_score.csv" --commit "$commit" 2>&1 | tee "$out/bench_score.log" | grep -v Warning | tail -n 12 || status=1
 echo "results in $out"
 exit $status
