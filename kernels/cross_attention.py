@@ -426,12 +426,9 @@ def cross_attention(q1, k1, v1, mask1, q2, k2, v2, mask2, scale=None):
     q1, q2: [B, H, Lq, D]; k1, v1: [B, H, L1, D]; mask1: [B, L1] bool (True = real key); k2, v2: [B, H, L2, D];
     mask2: [B, L2]. A source may be None (all four of its arguments). Returns [B, H, Lq, D] in q's dtype.
     """
-    srcs = [(q, k, v, m) for (q, k, v, m) in ((q1, k1, v1, mask1), (q2, k2, v2, mask2)) if q is not None]
-    if not srcs:
-        raise ValueError("cross_attention needs at least one key source")
-    for q, k, v, m in srcs:
-        if k is None or v is None or m is None:
-            raise ValueError("a key source needs all of q, k, v and mask")
+    from segfast.ops.reference import key_sources
+
+    srcs = key_sources(q1, k1, v1, mask1, q2, k2, v2, mask2)
     floats = [t for s in srcs for t in s[:3]]
     if any(t.dtype == torch.float64 for t in floats):
         from segfast.ops import reference  # fp64 (gradcheck): the reference is the implementation

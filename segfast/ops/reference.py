@@ -23,6 +23,17 @@ def _math_dtype(*ts: Optional[Tensor]) -> torch.dtype:
     return torch.float32
 
 
+def key_sources(q1, k1, v1, mask1, q2, k2, v2, mask2) -> list:
+    """The present key sources of a cross_attention call as (q, k, v, mask) tuples, validated."""
+    srcs = [(q, k, v, m) for (q, k, v, m) in ((q1, k1, v1, mask1), (q2, k2, v2, mask2)) if q is not None]
+    if not srcs:
+        raise ValueError("cross_attention needs at least one key source")
+    for q, k, v, m in srcs:
+        if k is None or v is None or m is None:
+            raise ValueError("a key source needs all of q, k, v and mask")
+    return srcs
+
+
 def cross_attention(
     q1: Optional[Tensor], k1: Optional[Tensor], v1: Optional[Tensor], mask1: Optional[Tensor],
     q2: Optional[Tensor], k2: Optional[Tensor], v2: Optional[Tensor], mask2: Optional[Tensor],
@@ -34,12 +45,7 @@ def cross_attention(
     k2, v2: [B, H, L2, D]; mask2: [B, L2] bool. A source may be absent (all four of its args None).
     Returns [B, H, Lq, D] in the queries' dtype. Queries whose keys are all masked get zeros.
     """
-    srcs = [(q, k, v, m) for (q, k, v, m) in ((q1, k1, v1, mask1), (q2, k2, v2, mask2)) if q is not None]
-    if not srcs:
-        raise ValueError("cross_attention needs at least one key source")
-    for q, k, v, m in srcs:
-        if k is None or v is None or m is None:
-            raise ValueError("a key source needs all of q, k, v and mask")
+    srcs = key_sources(q1, k1, v1, mask1, q2, k2, v2, mask2)
     dt = _math_dtype(*[t for s in srcs for t in s[:3]])
     out_dtype = srcs[0][0].dtype
     D = srcs[0][0].shape[-1]
