@@ -39,8 +39,38 @@ def _from_dict(cls, d: dict, what: str):
     return cls(**d)
 
 
+class _JsonConfig:
+    """JSON round trip and presets shared by the config dataclasses."""
+
+    _what = "config"
+    _part = "model"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        return _from_dict(cls, d, cls._what)
+
+    @classmethod
+    def from_json(cls, s: str):
+        try:
+            d = json.loads(s)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{cls._what}: invalid JSON ({e})") from None
+        return cls.from_dict(d)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any):
+        return _preset(name, cls._part, cls, overrides)
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(_JsonConfig):
+    _what, _part = "model config", "model"
     modality: str = "id"
     d_model: int = 64
     n_heads: int = 4
@@ -133,32 +163,11 @@ class ModelConfig:
                                   feature_dim=int(feature_dim) if self.uses_visual else None)
         return cfg.validate(require_data=True)
 
-    # ---------------------------------------------------------------- (de)serialisation
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        return _from_dict(cls, d, "model config")
-
-    @classmethod
-    def from_json(cls, s: str) -> "ModelConfig":
-        try:
-            d = json.loads(s)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"model config: invalid JSON ({e})") from None
-        return cls.from_dict(d)
-
-    @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "ModelConfig":
-        return model_preset(name, **overrides)
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_JsonConfig):
+    _what, _part = "train config", "train"
     lr: float = 1e-3
     weight_decay: float = 1e-4
     batch_size: int = 256
@@ -199,27 +208,6 @@ class TrainConfig:
             bad("device", "expected 'cpu' or 'cuda[:n]'")
         return self
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        return _from_dict(cls, d, "train config")
-
-    @classmethod
-    def from_json(cls, s: str) -> "TrainConfig":
-        try:
-            d = json.loads(s)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"train config: invalid JSON ({e})") from None
-        return cls.from_dict(d)
-
-    @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "TrainConfig":
-        return train_preset(name, **overrides)
 
 
 PRESETS = {
