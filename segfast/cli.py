@@ -107,15 +107,17 @@ def _cmd_demo(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import segfast.data.synth as synth_defaults
+
     p = argparse.ArgumentParser(prog="segfast", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("synth", help="generate synthetic data with planted segment interest, in a real source's files")
     s.add_argument("--format", choices=["segmm", "kuairand"], required=True)
     s.add_argument("--out", required=True)
-    s.add_argument("--users", type=int, default=60)
-    s.add_argument("--videos", type=int, default=800)
-    s.add_argument("--interactions", type=int, default=12000)
+    s.add_argument("--users", type=int, default=synth_defaults.DEFAULT_USERS)
+    s.add_argument("--videos", type=int, default=synth_defaults.DEFAULT_VIDEOS)
+    s.add_argument("--interactions", type=int, default=synth_defaults.DEFAULT_INTERACTIONS)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--feature-dim", type=int, default=1024)
     s.add_argument("--quiet", action="store_true")

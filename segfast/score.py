@@ -489,7 +489,6 @@ def _forward(model, batch: dict, fast: bool):
     import torch
 
     import segfast.ops as ops
-    from segfast.model.representation import l1_normalise
 
     if not fast:
         return model.score(batch)
@@ -504,8 +503,8 @@ def _forward(model, batch: dict, fast: bool):
     x = y = None
     if cfg.uses_visual:
         rep = model.visual.rep
-        vu = rep.proj(l1_normalise(batch["video_feat_u"]))
-        uu = rep.proj(l1_normalise(batch["user_feat_u"]))
+        vu = rep.embed(batch["video_feat_u"])
+        uu = rep.embed(batch["user_feat_u"])
         um = batch["user_mask_u"][batch["user_inv"]]
         if cfg.ablation == "no-position":
             v, uu = rep.finish(vu[batch["video_inv"]], uu, pos_index, slot_mask)

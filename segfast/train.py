@@ -327,6 +327,7 @@ def _train(data_dir, out_dir, model_config: ModelConfig, tc: TrainConfig, progre
         torch.manual_seed(tc.seed)
         np.random.seed(tc.seed)
         model = SegInterestModel(mc).to(device)
+        model.set_seen_videos(np.asarray(prepared.videos["n_train"]) > 0)  # a resume reloads the same flags
         opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
         st = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_ndcg5": None, "best_step": None,
               "best_dev": None, "bad_evals": 0, "finished": False, "stopped": None, "loss_sum": 0.0,
@@ -437,7 +438,8 @@ def _train(data_dir, out_dir, model_config: ModelConfig, tc: TrainConfig, progre
         else:
             stop_run, eval_step, checkpoint_step = finish, evaluate, checkpoint
 
-        total = steps_per_epoch * tc.epochs
+        planned = steps_per_epoch * tc.epochs  # the lr schedule's length (max_steps only cuts a run short)
+        total = planned
         if max_steps is not None:
             total = min(total, max_steps)
         bar = tqdm(total=total, initial=min(st["step"], total), desc="train", unit="step",
@@ -494,6 +496,9 @@ def _train(data_dir, out_dir, model_config: ModelConfig, tc: TrainConfig, progre
                         loss.backward()
                     if tc.grad_clip is not None:
                         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                    lr_now = tc.lr_at(st["step"], planned)
+                    for group in opt.param_groups:
+                        group["lr"] = lr_now
                     opt.step()
                     if ddp:
                         lsum = sfdist.all_reduce_sum([float(loss.detach()) * kept if kept else 0.0])[0]

@@ -33,3 +33,8 @@ def test_demo_quick_end_to_end(tmp_path):
     for r in res.values():
         assert 0.0 <= r["metrics"]["HR@1"] <= r["metrics"]["HR@5"] <= r["metrics"]["HR@10"] <= 1.0
     assert summary["spearman_vs_truth"]["rows"] > 0
+    seg = json.loads((tmp_path / "demo" / "results.json").read_text())["segrec"]
+    assert set(seg) == {"video", "segsum", "interest"}
+    for w, r in seg.items():
+        assert 0.0 <= r["metrics"]["AUC"]["mean"] <= 1.0 and r["metrics"]["LogLoss"]["mean"] > 0
+        assert ("ttest_vs_video" in r) == (w != "video")

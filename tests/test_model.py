@@ -144,6 +144,51 @@ def test_padding_invariance(modality):
     assert not torch.allclose(out[pad], base[pad]) or modality == "visual"
 
 
+def test_unseen_videos_share_the_unknown_embedding():
+    torch.manual_seed(4)
+    m = SegInterestModel(cfg("id"))
+    seen = torch.ones(NV, dtype=torch.bool)
+    seen[[2, 5]] = False
+    m.set_seen_videos(seen)
+    m.eval()
+    b = make_batch(with_feats=False)
+    b2 = {k: v.clone() for k, v in b.items()}
+    b["video_idx"][:] = 2
+    b2["video_idx"][:] = 5
+    torch.testing.assert_close(m.score(b), m.score(b2), rtol=0, atol=0)  # both unseen: the same embedding
+    b2["video_idx"][:] = 3
+    assert not torch.allclose(m.score(b), m.score(b2))  # a seen video uses its own
+    with pytest.raises(ValueError, match="one per video"):
+        m.set_seen_videos(torch.ones(NV + 1, dtype=torch.bool))
+    # training: rows are switched to the unknown embedding at rate video_id_dropout, so it gets a gradient
+    m = SegInterestModel(cfg("id", video_id_dropout=0.5)).train()
+    _, loss = m.loss(make_batch(B=8, with_feats=False))
+    loss.backward()
+    assert m.id.rep.unk_video.grad is not None and m.id.rep.unk_video.grad.abs().sum() > 0
+    m0 = SegInterestModel(cfg("id", video_id_dropout=0.0)).train()
+    _, loss = m0.loss(make_batch(B=8, with_feats=False))
+    loss.backward()
+    assert m0.id.rep.unk_video.grad is None or m0.id.rep.unk_video.grad.abs().sum() == 0
+
+
+def test_feature_rescale_is_a_reparametrisation():
+    """feature_rescale multiplies the L1-normalised features by feature_dim: the same function as the literal
+    form with the projection weights scaled by feature_dim (only the optimiser's view of the scale differs)."""
+    torch.manual_seed(3)
+    lit = SegInterestModel(cfg("both", feature_rescale=False)).eval()
+    res = SegInterestModel(cfg("both", feature_rescale=True)).eval()
+    res.load_state_dict(lit.state_dict())
+    with torch.no_grad():
+        res.visual.rep.proj.weight.div_(F)
+    b = make_batch()
+    torch.testing.assert_close(res.score(b), lit.score(b), rtol=1e-5, atol=1e-5)
+    x = b["video_feat"][0, :3].float()
+    expect = lit.visual.rep.proj(x / (x.abs().sum(-1, keepdim=True) + 1e-6))
+    torch.testing.assert_close(lit.visual.rep.embed(b["video_feat"][0, :3]), expect)
+    torch.testing.assert_close(res.visual.rep.embed(b["video_feat"][0, :3]),
+                               res.visual.rep.proj(F * x / (x.abs().sum(-1, keepdim=True) + 1e-6)))
+
+
 def test_visual_history_changes_scores():
     """Sanity for the invariance test: real user tokens do matter."""
     torch.manual_seed(2)

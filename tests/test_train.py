@@ -71,8 +71,22 @@ def _weights(run, which="last"):
     return load_tensors(run / which / "model.safetensors")[0]
 
 
+def test_lr_schedule_values():
+    tc = TrainConfig(lr=1e-2, lr_schedule="cosine", warmup_steps=4, lr_min_ratio=0.1)
+    assert [tc.lr_at(s, 14) for s in range(4)] == pytest.approx([2.5e-3, 5e-3, 7.5e-3, 1e-2])
+    # after warm-up: cosine from lr (step 4) to 0.1 lr (step 14 = the planned end), half way at step 9
+    assert tc.lr_at(4, 14) == pytest.approx(1e-2)
+    assert tc.lr_at(9, 14) == pytest.approx(1e-3 + 9e-3 * 0.5)
+    assert tc.lr_at(14, 14) == pytest.approx(1e-3) and tc.lr_at(20, 14) == pytest.approx(1e-3)
+    assert TrainConfig(lr=1e-3).lr_at(123, 10) == 1e-3  # constant, no warm-up
+    for bad in (dict(lr_schedule="step"), dict(warmup_steps=-1), dict(lr_min_ratio=1.5)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            TrainConfig(**bad)
+
+
 def test_resume_continues_identically(data, tmp_path):
-    mc, tc = _mc(ablation="no-position"), _tc()
+    # the cosine schedule with warm-up is a function of the step: a resumed run must continue it exactly
+    mc, tc = _mc(ablation="no-position"), _tc(lr_schedule="cosine", warmup_steps=3)
     a, b = tmp_path / "a", tmp_path / "b"
     sa = train(data, a, mc, tc, progress=False, max_steps=7)
     spe = sa["steps_per_epoch"]
@@ -104,7 +118,11 @@ def test_full_run_early_stopping_and_load(data, tmp_path):
     assert s["finished"] and s["stopped"] in ("early_stop", "epochs")
     assert s["best_dev"] is not None and 0.0 <= s["best_dev"]["NDCG@5"] <= 1.0
     model, meta = load_run(run, which="best")
-    check_compatible(meta, load_prepared(data))
+    prepared = load_prepared(data)
+    check_compatible(meta, prepared)
+    # the videos without training rows are marked unseen in the saved model (they use the unknown embedding)
+    seen = np.asarray(prepared.videos["n_train"]) > 0
+    assert not seen.all() and model.id.rep.video_seen.numpy().tolist() == seen.tolist()
     best = load_tensors(run / "best" / "model.safetensors")[0]
     exported = load_tensors(run / "model.safetensors")[0]
     assert all(torch.equal(best[k], exported[k]) for k in best)

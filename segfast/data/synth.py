@@ -27,9 +27,9 @@ from segfast.data.sources.kuairand import KUAIRAND_COLUMNS
 from segfast.data.sources.segmm import FEAT_FILE, INTER_COLUMNS, INTER_FILE, MAP_FILE
 
 # ----------------------------------------------------------------------------- defaults (the demo scale)
-DEFAULT_USERS = 60
-DEFAULT_VIDEOS = 800
-DEFAULT_INTERACTIONS = 12000
+DEFAULT_USERS = 100
+DEFAULT_VIDEOS = 1500
+DEFAULT_INTERACTIONS = 30000
 DEFAULT_FEATURE_DIM = 64
 DEFAULT_SEED = 0
 KUAIRAND_LOG = "log_standard_4_08_to_4_21_1k.csv"

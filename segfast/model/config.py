@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, fields
 from typing import Any, Optional
 
@@ -23,6 +24,7 @@ MODALITIES = ("id", "visual", "both")
 ABLATIONS = ("none", "cross-only", "self-only", "no-attention", "no-position")
 LOSSES = ("bpr-max", "bpr-max-literal", "pairwise", "bce")
 BACKENDS = ("torch", "triton")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 class ConfigError(ValueError):
@@ -87,6 +89,8 @@ class ModelConfig(_JsonConfig):
     loss: str = "bpr-max"
     backend: str = "torch"
     pos_init: float = 1.0  # initial value of the per-slot position-bias vectors a and c (SPEC: 1)
+    video_id_dropout: float = 0.1  # training rate of replacing a row's video embedding by the unknown-video one
+    feature_rescale: bool = True  # multiply the L1-normalised features by feature_dim (representation.py)
     slot_types: bool = True  # mark real / completed-pseudo-slot / padding slots (representation.py)
 
     def __post_init__(self) -> None:
@@ -119,10 +123,13 @@ class ModelConfig(_JsonConfig):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "n_layers" else 1):
                 bad(name, "expected a positive integer" if name != "n_layers" else "expected an integer >= 0")
+        if not (isinstance(self.video_id_dropout, (int, float)) and 0.0 <= float(self.video_id_dropout) < 1.0):
+            bad("video_id_dropout", "expected a number in [0, 1)")
         if not (isinstance(self.dropout, (int, float)) and 0.0 <= float(self.dropout) < 1.0):
             bad("dropout", "expected a float in [0, 1)")
-        if not isinstance(self.slot_types, bool):
-            bad("slot_types", "expected true or false")
+        for name in ("slot_types", "feature_rescale"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "expected true or false")
         if not isinstance(self.pos_init, (int, float)) or isinstance(self.pos_init, bool):
             bad("pos_init", "expected a number")
         if self.d_model % self.n_heads:
@@ -179,9 +186,26 @@ class TrainConfig(_JsonConfig):
     grad_clip: Optional[float] = None   # max global grad norm, None = off
     eval_batch_size: Optional[int] = None  # default: 2 * batch_size
     num_workers: int = 0
+    lr_schedule: str = "constant"  # "constant" or "cosine" (decay to lr_min_ratio * lr over the planned steps)
+    warmup_steps: int = 0          # linear warm-up from lr / warmup_steps to lr over the first steps
+    lr_min_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         self.validate()
+
+    def lr_at(self, step: int, total_steps: int) -> float:
+        """Learning rate for optimizer step ``step`` (0-based) of a run planned for ``total_steps`` steps.
+
+        A pure function of the step, so a resumed run continues the schedule exactly (no scheduler state)."""
+        lr = float(self.lr)
+        if self.warmup_steps and step < self.warmup_steps:
+            return lr * (step + 1) / self.warmup_steps
+        if self.lr_schedule == "constant":
+            return lr
+        span = max(total_steps - self.warmup_steps, 1)
+        frac = min(max(step - self.warmup_steps, 0) / span, 1.0)
+        lo = lr * float(self.lr_min_ratio)
+        return lo + (lr - lo) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
     def validate(self) -> "TrainConfig":
         def bad(name, msg):
@@ -206,6 +230,12 @@ class TrainConfig(_JsonConfig):
             bad("num_workers", "expected an integer >= 0")
         if not isinstance(self.device, str) or not (self.device == "cpu" or self.device.startswith("cuda")):
             bad("device", "expected 'cpu' or 'cuda[:n]'")
+        if self.lr_schedule not in LR_SCHEDULES:
+            bad("lr_schedule", f"expected one of {list(LR_SCHEDULES)}")
+        if not isinstance(self.warmup_steps, int) or isinstance(self.warmup_steps, bool) or self.warmup_steps < 0:
+            bad("warmup_steps", "expected an integer >= 0")
+        if not (isinstance(self.lr_min_ratio, (int, float)) and 0.0 <= float(self.lr_min_ratio) <= 1.0):
+            bad("lr_min_ratio", "expected a number in [0, 1]")
         return self
 
 

@@ -67,6 +67,17 @@ class SegInterestModel(nn.Module):
     def device(self) -> torch.device:
         return self.decoder.bias.device
 
+    def set_seen_videos(self, seen) -> None:
+        """Mark which videos have training rows ([n_videos] bool); the others use the unknown-video embedding
+        of the ID representation (no effect without the ID modality)."""
+        if self.id is None:
+            return
+        seen = torch.as_tensor(seen, dtype=torch.bool)
+        buf = self.id.rep.video_seen
+        if seen.shape != buf.shape:
+            raise ValueError(f"set_seen_videos: expected {tuple(buf.shape)} flags (one per video), got {tuple(seen.shape)}")
+        buf.copy_(seen.to(buf.device))
+
     def set_backend(self, name: str) -> None:
         """Switch the ops backend ("torch" or "triton") of this model."""
         from segfast.ops import BACKENDS

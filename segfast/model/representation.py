@@ -1,7 +1,8 @@
 """Input representations per modality (SPEC section 5): tokens V [B, 40, d] (video slots) and
 U [B, M, d] (user tokens) with their masks, after the learned position embedding, LayerNorm and dropout.
 
-- ID: U = user embedding (M = 1, mask all True); V_i = [video embedding (d/2) ; Linear(1 -> d/2)(i)].
+- ID: U = user embedding (M = 1, mask all True); V_i = [video embedding (d/2) ; Linear(1 -> d/2)(i)]; a video
+  without training rows uses a shared learned "unknown video" embedding (``video_seen``, ``video_id_dropout``).
 - Visual: each feature vector is cast to float32 and L1-normalised (x / (||x||_1 + 1e-6)), then one
   Linear(feature_dim -> d) shared by the video and user tokens; U = the visual history (``user_feat``,
   ``user_mask``), V = the target video's segment vectors (``video_feat``, zeros on padding).
@@ -78,6 +79,13 @@ class IDRepresentation(nn.Module):
         super().__init__()
         d = cfg.d_model
         self.video_emb = nn.Embedding(cfg.n_videos, d // 2)
+        # Videos without a training row would otherwise keep their random initial embedding (noise at test
+        # time); they share one learned "unknown video" embedding, trained by replacing a row's video
+        # embedding with it at rate cfg.video_id_dropout. ``video_seen`` is set from the training split by
+        # segfast.train and saved with the weights.
+        self.unk_video = nn.Parameter(torch.zeros(d // 2))
+        self.register_buffer("video_seen", torch.ones(cfg.n_videos, dtype=torch.bool))
+        self.video_id_dropout = float(cfg.video_id_dropout)
         self.slot_lin = nn.Linear(1, d // 2)
         self.user_emb = nn.Embedding(cfg.n_users, d)
         self.finish = _Finish(d, cfg.max_slots, 1, cfg.dropout, cfg.slot_types)
@@ -87,7 +95,11 @@ class IDRepresentation(nn.Module):
         vid = batch["video_idx"]
         uid = batch["user_idx"]
         b, s = pos_index.shape
-        ve = self.video_emb(vid)[:, None, :].expand(b, s, -1)
+        known = self.video_seen[vid]
+        if self.training and self.video_id_dropout > 0:
+            known = known & (torch.rand(known.shape, device=known.device) >= self.video_id_dropout)
+        ve = torch.where(known[:, None], self.video_emb(vid), self.unk_video.to(self.video_emb.weight.dtype))
+        ve = ve[:, None, :].expand(b, s, -1)
         se = self.slot_lin(pos_index.to(ve.dtype).unsqueeze(-1))
         v = torch.cat([ve, se], dim=-1)
         u = self.user_emb(uid)[:, None, :]
@@ -101,7 +113,12 @@ class VisualRepresentation(nn.Module):
         d = cfg.d_model
         self.feature_dim = int(cfg.feature_dim)
         self.proj = nn.Linear(self.feature_dim, d)
+        self.in_scale = float(self.feature_dim) if cfg.feature_rescale else 1.0
         self.finish = _Finish(d, cfg.max_slots, cfg.max_user_tokens, cfg.dropout, cfg.slot_types)
+
+    def embed(self, feat: Tensor) -> Tensor:
+        """[..., feature_dim] raw features -> [..., d]: L1-normalise, rescale, project (before position etc.)."""
+        return self.proj(l1_normalise(feat) * self.in_scale)
 
     def forward(self, batch: dict, pos_index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """-> V [B, 40, d], U [B, M, d], user_mask [B, M]."""
@@ -112,7 +129,7 @@ class VisualRepresentation(nn.Module):
                                  f"{self.feature_dim}")
         if um.shape != uf.shape[:2]:
             raise ValueError(f"batch['user_mask'] has shape {tuple(um.shape)}, expected {tuple(uf.shape[:2])}")
-        v = self.proj(l1_normalise(vf))
-        u = self.proj(l1_normalise(uf))
+        v = self.embed(vf)
+        u = self.embed(uf)
         v, u = self.finish(v, u, pos_index, batch["slot_mask"])
         return v, u, um.bool()
