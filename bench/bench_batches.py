@@ -69,8 +69,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dim", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--keep", help="prepared dir to (re)use instead of a temp dir")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (index_select gathers in parallel)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     tmp = None
     if args.keep and (Path(args.keep) / "manifest.json").exists():
         out = Path(args.keep)
