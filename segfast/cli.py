@@ -34,6 +34,15 @@ def _cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
+SECTIONS = (("metrics", "all rows, 40-slot protocol (SPEC 7)"), ("cold", "cold-video rows (no training row)"),
+            ("strict", "strict variant: slots 0..N only"))
+
+
+def _sections(results: dict, format_table) -> str:
+    """The three Task-1 tables (all rows, cold-video rows, strict), each under a heading."""
+    return "\n\n".join(f"{title}:\n{format_table(results, section=key)}" for key, title in SECTIONS)
+
+
 def _cmd_evaluate(a: argparse.Namespace) -> int:
     from segfast.evaluate import evaluate_run, format_table
 
@@ -42,7 +51,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(res))
     else:
-        print(format_table({"model": res}))
+        print(_sections({"model": res}, format_table))
     return 0
 
 
@@ -53,7 +62,7 @@ def _cmd_baselines(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(res))
     else:
-        print(format_table(res))
+        print(_sections(res, format_table))
     return 0
 
 

@@ -222,3 +222,28 @@ def test_run_segrec_end_to_end(tiny_prepared):
     assert 0.0 <= res["metrics"]["AUC"]["mean"] <= 1.0
     vid = run_segrec(tiny_prepared / "prep", None, "din", "video", seeds=[3], epochs=1, progress=False)
     assert "ttest_vs_video" not in vid and vid["seeds"] == [3]
+
+
+def test_evaluate_and_baselines_cli_print_three_sections(tiny_prepared, capsys):
+    """`segfast evaluate` / `baselines` print the all-rows, cold-video and strict tables; --json the same data."""
+    import json
+
+    from segfast.cli import main
+    from segfast.evaluate import evaluate_run
+
+    run = _random_run(tiny_prepared)
+    data = str(tiny_prepared / "prep")
+    assert main(["evaluate", "--data", data, "--run", str(run), "--split", "test"]) == 0
+    text = capsys.readouterr().out
+    heads = ["all rows, 40-slot protocol", "cold-video rows", "strict variant"]
+    assert [text.find(h) for h in heads] == sorted(text.find(h) for h in heads) and all(h in text for h in heads)
+    ref = evaluate_run(data, run, split="test")
+    assert f"{ref['metrics']['HR@1']:.4f}" in text.split("cold-video rows")[0]
+    assert f"{ref['strict']['HR@1']:.4f}" in text.split("strict variant")[1]
+    assert main(["baselines", "--data", data, "--split", "test"]) == 0
+    text = capsys.readouterr().out
+    assert all(h in text for h in heads) and text.count("| ItemPosition") == 3
+    assert main(["baselines", "--data", data, "--split", "test", "--json"]) == 0
+    js = json.loads(capsys.readouterr().out)
+    assert set(js) == {"Random", "AllPosition", "UserPosition", "ItemPosition"}
+    assert all({"metrics", "cold", "strict"} <= set(v) for v in js.values())
