@@ -81,8 +81,8 @@ class IDRepresentation(nn.Module):
         self.video_emb = nn.Embedding(cfg.n_videos, d // 2)
         # Videos without a training row would otherwise keep their random initial embedding (noise at test
         # time); they share one learned "unknown video" embedding, trained by replacing a row's video
-        # embedding with it at rate cfg.video_id_dropout. ``video_seen`` is set from the training split by
-        # segfast.train and saved with the weights.
+        # embedding with it at rate cfg.video_id_dropout (0 turns the mechanism off: the literal model).
+        # ``video_seen`` is set from the training split by segfast.train and saved with the weights.
         self.unk_video = nn.Parameter(torch.zeros(d // 2))
         self.register_buffer("video_seen", torch.ones(cfg.n_videos, dtype=torch.bool))
         self.video_id_dropout = float(cfg.video_id_dropout)
@@ -95,10 +95,12 @@ class IDRepresentation(nn.Module):
         vid = batch["video_idx"]
         uid = batch["user_idx"]
         b, s = pos_index.shape
-        known = self.video_seen[vid]
-        if self.training and self.video_id_dropout > 0:
-            known = known & (torch.rand(known.shape, device=known.device) >= self.video_id_dropout)
-        ve = torch.where(known[:, None], self.video_emb(vid), self.unk_video.to(self.video_emb.weight.dtype))
+        ve = self.video_emb(vid)
+        if self.video_id_dropout > 0:  # 0 = the literal model: every video uses its own embedding
+            known = self.video_seen[vid]
+            if self.training:
+                known = known & (torch.rand(known.shape, device=known.device) >= self.video_id_dropout)
+            ve = torch.where(known[:, None], ve, self.unk_video.to(ve.dtype))
         ve = ve[:, None, :].expand(b, s, -1)
         se = self.slot_lin(pos_index.to(ve.dtype).unsqueeze(-1))
         v = torch.cat([ve, se], dim=-1)
