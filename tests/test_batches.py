@@ -8,19 +8,7 @@ import torch
 from segfast.data.batches import BatchAssembler, make_loader
 from segfast.data.prepared import load_prepared, prepare_raw
 from segfast.data.sources import RawInteractions
-
-
-class RandomFeatures:
-    dim = 16
-
-    def rows_for(self, video_ids, n_segments):
-        off = np.zeros(len(video_ids) + 1, dtype=np.int64)
-        np.cumsum(n_segments, out=off[1:])
-        return off, np.arange(off[-1], dtype=np.int64)
-
-    def read(self, rows):
-        return np.random.default_rng(np.asarray(rows)[:1].tolist()).normal(size=(len(rows), self.dim))
-
+from _fakes import RandomFeatures
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):

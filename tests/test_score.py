@@ -22,23 +22,12 @@ from segfast.data.sources import RawInteractions
 from segfast.evaluate import expected_leave_slot
 from segfast.model import ModelConfig, SegInterestModel
 from segfast.score import (OutDirError, ScoreInputError, UnknownIdsError, latest_visual_histories, score)
+from _fakes import RandomFeatures
 
 REPO = Path(__file__).resolve().parents[1]
 F = 16
 USERS = [4, 8, 9, 11]
 PER_USER = 130
-
-
-class RandomFeatures:
-    dim = F
-
-    def rows_for(self, video_ids, n_segments):
-        off = np.zeros(len(video_ids) + 1, dtype=np.int64)
-        np.cumsum(n_segments, out=off[1:])
-        return off, np.arange(off[-1], dtype=np.int64)
-
-    def read(self, rows):
-        return np.random.default_rng(np.asarray(rows)[:1].tolist()).normal(size=(len(rows), self.dim))
 
 
 def _raw(extra_user=None):
@@ -87,7 +76,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("score")
-    prepare_raw(_raw(), root / "p", "segmm", seed=2, feature_source=RandomFeatures(), progress=False)
+    prepare_raw(_raw(), root / "p", "segmm", seed=2, feature_source=RandomFeatures(F), progress=False)
     p = load_prepared(root / "p")
     runs = {m: _run(root, p, m) for m in ("id", "visual", "both")}
     runs["id-nopos"] = _run(root, p, "id", ablation="no-position")
@@ -169,7 +158,7 @@ def test_latest_history_is_that_of_an_appended_interaction(world, tmp_path):
     model = _model(world["runs"]["visual"])
     refs, uids, vids, ns = [], [], [], []
     for u in range(len(USERS)):
-        prepare_raw(_raw(extra_user=u), tmp_path / f"p{u}", "segmm", seed=2, feature_source=RandomFeatures(),
+        prepare_raw(_raw(extra_user=u), tmp_path / f"p{u}", "segmm", seed=2, feature_source=RandomFeatures(F),
                     progress=False)
         p2 = load_prepared(tmp_path / f"p{u}")
         assert p2.n_users == p.n_users and p2.n_videos == p.n_videos
