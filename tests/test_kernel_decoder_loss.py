@@ -96,9 +96,10 @@ def _leaves(ins, upcast=False):
     return out
 
 
-def run_kernel(ins, target, kind, grad_logits=None, loss_weight=1.0):
-    leaves = _leaves(ins)
-    logits, loss = K.decode_and_loss(*leaves, target, kind=kind)
+def _run(op, leaves, target, kind, grad_logits, loss_weight):
+    """(logits, loss, grads of every leaf) of op(*leaves, target, kind) for the objective
+    loss * loss_weight + sum(logits * grad_logits)."""
+    logits, loss = op(*leaves, target, kind=kind)
     obj = loss * loss_weight
     if grad_logits is not None:
         obj = obj + (logits * grad_logits).sum()
@@ -106,18 +107,14 @@ def run_kernel(ins, target, kind, grad_logits=None, loss_weight=1.0):
     gs = iter(torch.autograd.grad(obj, req, allow_unused=True))
     grads = [None if t is None else next(gs) for t in leaves]
     return logits.detach(), loss.detach(), grads
+
+
+def run_kernel(ins, target, kind, grad_logits=None, loss_weight=1.0):
+    return _run(K.decode_and_loss, _leaves(ins), target, kind, grad_logits, loss_weight)
 
 
 def run_reference(ins, target, kind, grad_logits=None, loss_weight=1.0):
-    leaves = _leaves(ins, upcast=True)
-    logits, loss = R.decode_and_loss(*leaves, target, kind)
-    obj = loss * loss_weight
-    if grad_logits is not None:
-        obj = obj + (logits * grad_logits).sum()
-    req = [t for t in leaves if t is not None]
-    gs = iter(torch.autograd.grad(obj, req, allow_unused=True))
-    grads = [None if t is None else next(gs) for t in leaves]
-    return logits.detach(), loss.detach(), grads
+    return _run(R.decode_and_loss, _leaves(ins, upcast=True), target, kind, grad_logits, loss_weight)
 
 
 def compare(ins, target, kind="bpr-max", grad_logits=None, loss_weight=1.0, tol_scale=1.0):
