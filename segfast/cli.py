@@ -38,31 +38,33 @@ SECTIONS = (("metrics", "all rows, 40-slot protocol (SPEC 7)"), ("cold", "cold-v
             ("strict", "strict variant: slots 0..N only"))
 
 
-def _sections(results: dict, format_table) -> str:
+def _sections(results: dict) -> str:
     """The three Task-1 tables (all rows, cold-video rows, strict), each under a heading."""
+    from segfast.evaluate import format_table
+
     return "\n\n".join(f"{title}:\n{format_table(results, section=key)}" for key, title in SECTIONS)
 
 
 def _cmd_evaluate(a: argparse.Namespace) -> int:
-    from segfast.evaluate import evaluate_run, format_table
+    from segfast.evaluate import evaluate_run
 
     res = evaluate_run(a.data, a.run, split=a.split, batch_size=a.batch_size, device=a.device,
                        seed=a.seed, backend=a.backend)
     if a.json:
         print(json.dumps(res))
     else:
-        print(_sections({"model": res}, format_table))
+        print(_sections({"model": res}))
     return 0
 
 
 def _cmd_baselines(a: argparse.Namespace) -> int:
-    from segfast.evaluate import format_table, run_baselines
+    from segfast.evaluate import run_baselines
 
     res = run_baselines(a.data, split=a.split, seed=a.seed)
     if a.json:
         print(json.dumps(res))
     else:
-        print(_sections(res, format_table))
+        print(_sections(res))
     return 0
 
 
