@@ -10,8 +10,8 @@ from pathlib import Path
 def _cmd_synth(a: argparse.Namespace) -> int:
     from segfast.data.synth import synth
 
-    summary = synth(a.format, a.out, users=a.users, videos=a.videos, interactions=a.interactions,
-                    seed=a.seed, feature_dim=a.feature_dim, progress=not a.quiet)
+    sizes = {k: getattr(a, k) for k in ("users", "videos", "interactions") if getattr(a, k) is not None}
+    summary = synth(a.format, a.out, seed=a.seed, feature_dim=a.feature_dim, progress=not a.quiet, **sizes)
     print(json.dumps(summary, indent=2, default=str))
     return 0
 
@@ -118,17 +118,16 @@ def _cmd_demo(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import segfast.data.synth as synth_defaults
-
     p = argparse.ArgumentParser(prog="segfast", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("synth", help="generate synthetic data with planted segment interest, in a real source's files")
     s.add_argument("--format", choices=["segmm", "kuairand"], required=True)
     s.add_argument("--out", required=True)
-    s.add_argument("--users", type=int, default=synth_defaults.DEFAULT_USERS)
-    s.add_argument("--videos", type=int, default=synth_defaults.DEFAULT_VIDEOS)
-    s.add_argument("--interactions", type=int, default=synth_defaults.DEFAULT_INTERACTIONS)
+    # defaults (None): synth's DEFAULT_* (the demo's size), resolved there so that building the parser stays light
+    s.add_argument("--users", type=int, default=None, help="default: the demo's 100")
+    s.add_argument("--videos", type=int, default=None, help="default: the demo's 1,500")
+    s.add_argument("--interactions", type=int, default=None, help="default: the demo's 30,000")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--feature-dim", type=int, default=1024)
     s.add_argument("--quiet", action="store_true")
