@@ -2,7 +2,8 @@
 
 Stable API (other kernel modules import these; change only by adding):
 
-- ``interpreting()``: True when Triton runs in the CPU interpreter (``TRITON_INTERPRET=1``).
+- ``interpreting()``: True when Triton runs in the CPU interpreter (``TRITON_INTERPRET`` set to any truthy
+  value: Triton itself treats "1", "true", "yes", "on" alike, so must we).
 - ``pow2_block(n, lo=16, hi=None)``: next power of two >= n, clamped to [lo, hi]; every ``tl.dot`` dim >= 16.
 - ``poison_enabled()`` / ``new_output(...)`` / ``new_like(...)``: output allocation; when poisoning is on
   (tests), outputs start as NaN so any element a kernel forgets to write fails the comparison.
@@ -20,7 +21,13 @@ POISON = False
 
 
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Triton's own reading of TRITON_INTERPRET (``triton.knobs``), so that we never disagree with it."""
+    try:
+        from triton import knobs
+
+        return bool(knobs.runtime.interpret)
+    except (ImportError, AttributeError):  # older triton without knobs
+        return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y")
 
 
 def poison_enabled() -> bool:

@@ -26,7 +26,6 @@ float64 inputs (gradcheck) fall back to the frozen reference (``segfast.ops.refe
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -35,10 +34,7 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
-try:  # shared helper of the kernels package, if its owner has written it
-    from ._common import is_interpreter as _common_is_interpreter  # type: ignore
-except Exception:  # pragma: no cover - depends on the other engineer's file
-    _common_is_interpreter = None
+from ._common import interpreting as _interpreting
 
 __all__ = ["segment_decoder", "decode_and_loss", "POISON_OUTPUTS", "DOT_PRECISION", "LOSS_KINDS", "TUNE"]
 
@@ -56,15 +52,6 @@ MAX_S = 128  # slots per row held in one tile (S = 40 normally; tested up to 64)
 # GPU tuning overrides merged into the launch config (keys: BLOCK_B, BK, BN, num_warps, max_programs); empty =
 # the defaults of ``_config``. For benchmarking block sizes without editing the kernel.
 TUNE: dict = {}
-
-
-def _interpreting() -> bool:
-    if _common_is_interpreter is not None:
-        try:
-            return bool(_common_is_interpreter())
-        except Exception:
-            pass
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _next_pow2(n: int) -> int:
