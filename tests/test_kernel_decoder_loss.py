@@ -1,20 +1,25 @@
-"""Fused decoder + intra-video loss kernel (kernels/decoder_loss.py) vs the frozen reference.
+"""Fused decoder + intra-video loss kernels (kernels/decoder_loss.py) vs the frozen reference.
 
 Every case checks the logits, the loss and the gradient of every input (x, y, w_x, w_y, bias, fusion, pos_a,
-pos_c) against torch autograd through ``segfast.ops.reference.decode_and_loss``. Output buffers are
-NaN-poisoned (``POISON_OUTPUTS``) so that an element the kernel fails to write is caught.
+pos_c) against torch autograd through ``segfast.ops.reference.decode_and_loss``. Output buffers and the per-block
+/ per-split partial buffers are NaN-poisoned (``POISON_OUTPUTS``) so that an element the kernels fail to write is
+caught.
 
 Tolerance table: error = max |got - want| / max(max |want|, 1e-2) (normalised max error; floor 1 for dbias,
 which is a cancelling sum ~0 for the loss alone), per input dtype.
-The reference always runs in fp32 on the fp32 upcast of the very same (possibly 16-bit) input values, so the
-only 16-bit error left is the rounding of dx / dy to the input dtype on store.
+The reference always runs in fp32 on the fp32 upcast of the very same (possibly 16-bit) input values, with the
+weights as given (fp32 in most cases). The kernels' 16-bit errors are the GPU path's own (the interpreter rounds
+the dot operands to the input dtype exactly as the tensor cores take them, see the module docstring):
+the fusion weight W is cast to the input dtype (one rounding, u), the dW kernel rounds g * y to it (u),
+``w_y + x W`` is parked in dy in the input dtype and rounded again after scaling by g (2u), dx / dy are stored in
+the input dtype (u). u = 2^-8 = 3.9e-3 (bf16), 2^-11 = 4.9e-4 (fp16).
 
-| inputs | where            | logits / loss | gradients | why                                        |
-|--------|------------------|---------------|-----------|--------------------------------------------|
-| fp32   | CPU interpreter  | 5e-5          | 5e-5      | fp32 math, summation order only            |
-| fp32   | GPU (tf32 dots)  | 5e-3          | 5e-3      | tl.dot in tf32 (10-bit mantissa)           |
-| fp16   | any              | 5e-3          | 2e-3      | dx, dy rounded to fp16 (2^-11) + tf32 dots |
-| bf16   | any              | 5e-3          | 1e-2      | dx, dy rounded to bf16 (2^-8)              |
+| inputs | where            | logits / loss | gradients | why (worst measured in the interpreter, 24 cases incl. d=512) |
+|--------|------------------|---------------|-----------|-----------------------------------------------------------------|
+| fp32   | CPU interpreter  | 5e-5          | 5e-5      | fp32 math, summation order only                                  |
+| fp32   | GPU (tf32 dots)  | 5e-3          | 5e-3      | tl.dot in tf32 (10-bit mantissa)                                 |
+| fp16   | any              | 2e-3          | 3e-3      | W in fp16, dy rounded twice: 2.4e-4 / 6.3e-4 measured            |
+| bf16   | any              | 5e-3          | 2e-2      | W in bf16, dy rounded twice (<= 2u = 7.8e-3 + dot): 2.0e-3 / 1.1e-2 |
 """
 from __future__ import annotations
 
@@ -30,8 +35,8 @@ NAMES = ("x", "y", "w_x", "w_y", "bias", "fusion", "pos_a", "pos_c")
 
 TOL = {  # input dtype -> (logits / loss, gradients); see the table above
     torch.float32: (5e-3, 5e-3) if CUDA else (5e-5, 5e-5),
-    torch.float16: (5e-3, 5e-3),
-    torch.bfloat16: (5e-3, 1e-2),
+    torch.float16: (2e-3, 3e-3),
+    torch.bfloat16: (5e-3, 2e-2),
 }
 
 
@@ -58,7 +63,10 @@ def _check(name, got, want, tol):
 
 
 def make(B=5, S=40, dx=32, dy=32, hf=2, mods="xy", pos=True, dtype=torch.float32, wdtype=torch.float32,
-         noncontig=False, seed=0, target=None):
+         noncontig=False, seed=0, target=None, fscale=0.1):
+    """Random decoder inputs. ``fscale``: std of the fusion weights (use ~1/head-dim at d = 512, as the model
+    initialises them: with 0.1 the bilinear logits reach +-100, the loss saturates and the test would measure
+    the conditioning of bpr-max rather than the kernel)."""
     g = torch.Generator().manual_seed(seed)
 
     def rn(*shape, scale=1.0):
@@ -74,7 +82,7 @@ def make(B=5, S=40, dx=32, dy=32, hf=2, mods="xy", pos=True, dtype=torch.float32
     w_x = (rn(dx, scale=0.3).to(wdtype).to(DEV)) if x is not None else None
     w_y = (rn(dy, scale=0.3).to(wdtype).to(DEV)) if y is not None else None
     bias = rn(()).to(wdtype).to(DEV)
-    fusion = rn(hf, dx // hf, dy // hf, scale=0.1).to(wdtype).to(DEV) if (hf and x is not None and y is not None) \
+    fusion = rn(hf, dx // hf, dy // hf, scale=fscale).to(wdtype).to(DEV) if (hf and x is not None and y is not None) \
         else None
     pos_a = rn(S, scale=0.05).to(wdtype).to(DEV) if pos else None
     pos_c = rn(S).to(wdtype).to(DEV) if pos else None
@@ -286,18 +294,137 @@ def test_float64_falls_back_to_reference():
     assert lk.dtype == torch.float64
 
 
+class _Recorder:
+    """Wraps a kernel: records (grid, args, kwargs) of every launch and runs it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append((grid, args, kwargs))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.fixture
+def record(monkeypatch):
+    recs = {name: _Recorder(getattr(K, name)) for name in ("_decoder_kernel", "_dfusion_kernel")}
+    for name, rec in recs.items():
+        monkeypatch.setattr(K, name, rec)
+    return recs
+
+
+@pytest.mark.parametrize("S", [2, 23])
+@pytest.mark.parametrize("kind", ["bpr-max", "pairwise"])
+def test_slot_count_edges(S, kind):
+    # S = 2: one other slot per row; 23: not a power of two (padded to 32 slots in the tile)
+    ins, t = make(B=3, S=S, dx=32, dy=32, target=torch.tensor([0, S - 1, S]))
+    compare(ins, t, kind)
+
+
+@pytest.mark.parametrize("mods,hf,pos", [("x", 0, False), ("y", 0, False), ("xy", 0, True), ("xy", 4, False)])
+def test_modalities_and_ablations_with_grad_logits(mods, hf, pos):
+    # x only / y only / no fusion / 4 fusion heads, with and without the position bias, through the chain path
+    ins, t = make(B=4, dx=64, dy=32, hf=hf, mods=mods, pos=pos, seed=7)
+    gl = torch.randn(4, 40, generator=torch.Generator().manual_seed(8)).to(DEV)
+    compare(ins, t, "bpr-max-literal", grad_logits=gl, loss_weight=0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_chain_and_scoring(dtype):
+    ins, t = make(B=5, dtype=dtype, seed=2)
+    gl = torch.randn(5, 40, generator=torch.Generator().manual_seed(9)).to(DEV)
+    compare(ins, t, "pairwise", grad_logits=gl, loss_weight=0.0)
+    with torch.no_grad():
+        lk = K.segment_decoder(*ins)
+    lr = R.segment_decoder(*[None if v is None else v.float() for v in ins])
+    _check("scoring logits", lk, lr, TOL[dtype][0])
+
+
+def test_scoring_is_one_program_per_block_without_partials(record):
+    ins, _ = make(B=7)
+    with torch.no_grad():
+        K.segment_decoder(*ins)
+    assert not record["_dfusion_kernel"].calls
+    (grid, args, kw), = record["_decoder_kernel"].calls
+    n_blocks = -(-7 // kw["BLOCK_B"])
+    assert grid == (n_blocks,) and n_blocks > 1
+    assert not kw["GRADS"] and kw["LOSS"] == 0
+    # DWX_P, DWY_P, DB_P, DPC_P, LOSS_P are the 1-element dummies: nothing per program is allocated
+    assert all(a.numel() == 1 for a in args[15:20])
+
+
+def test_training_launches_and_dfusion_splits(record):
+    # the dW kernel runs split-K over the pairs (several splits at this size in the interpreter config) and the
+    # main kernel is launched once, one program per block
+    ins, t = make(B=9)
+    compare(ins, t, "bpr-max")
+    (grid, _, kw), = record["_decoder_kernel"].calls
+    assert grid == (-(-9 // kw["BLOCK_B"]),) and kw["GRADS"] and kw["LOSS"] == 1
+    (grid_w, args_w, kw_w), = record["_dfusion_kernel"].calls
+    n_splits = args_w[3].shape[0]
+    assert n_splits > 1 and grid_w == (n_splits * 2 * (16 // kw_w["BKW"] or 1) * (16 // kw_w["BNW"] or 1),)
+
+
+def test_fp16_gpu_path_without_upcast_at_paper_shapes(record, monkeypatch):
+    """The fp16 GPU path (native fp16 tl.dot operands, fp32 accumulation) in the interpreter, whose fp16 dots
+    are exact-product / fp32-accumulate like the tensor cores: paper-code shapes (S=40, d=512, Hf=2), every
+    output, training and chain paths."""
+    monkeypatch.setattr(K, "INTERPRET_NATIVE_FP16", True)
+    ins, t = make(B=3, S=40, dx=512, dy=512, hf=2, dtype=torch.float16, seed=11, target=torch.tensor([3, 40, 39]),
+                   fscale=1 / 256)
+    compare(ins, t, "bpr-max")
+    gl = torch.randn(3, 40, generator=torch.Generator().manual_seed(12)).to(DEV)
+    compare(ins, t, "pairwise", grad_logits=gl, loss_weight=0.3)
+    calls = record["_decoder_kernel"].calls + record["_dfusion_kernel"].calls
+    assert calls and all(kw["UPCAST"] is False for _, _, kw in calls)
+    assert all(a.dtype == torch.float16 for _, args, _ in record["_decoder_kernel"].calls for a in (args[0], args[5]))
+
+
+def test_bf16_is_upcast_in_the_interpreter_only_after_rounding(record):
+    ins, t = make(B=2, dtype=torch.bfloat16)
+    compare(ins, t, "bpr-max")
+    (_, args, kw), = record["_decoder_kernel"].calls
+    # W travels in the input dtype (cast once on the host); the interpreter upcasts the rounded operands
+    assert args[5].dtype == torch.bfloat16 and kw["UPCAST"] is (not CUDA)
+
+
+def test_deterministic_all_outputs():
+    ins, t = make(B=11, dtype=torch.bfloat16, seed=5)
+    gl = torch.randn(11, 40, generator=torch.Generator().manual_seed(6)).to(DEV)
+    for kwargs in (dict(), dict(grad_logits=gl)):
+        a = run_kernel(ins, t, "bpr-max", **kwargs)
+        b = run_kernel(ins, t, "bpr-max", **kwargs)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        for ga, gb in zip(a[2], b[2]):
+            assert (ga is None and gb is None) or torch.equal(ga, gb)
+
+
+def test_bad_inputs_raise_clear_errors():
+    ins, t = make(B=3)
+    with pytest.raises(ValueError, match="target must be"):
+        K.decode_and_loss(*ins, t[:2], kind="bpr-max")
+    with pytest.raises(ValueError, match="fused kernel supports"):
+        K.decode_and_loss(*ins, t, kind="bce")
+    bad = list(ins)
+    bad[0] = bad[0].to(torch.int32)
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+        K.segment_decoder(*bad)
+
+
 # ---------------------------------------------------------------------------------------------------- GPU scale
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["bpr-max", "bpr-max-literal", "pairwise"])
 def test_gpu_paper_code_shapes(dtype, kind):
-    ins, t = make(B=1024, S=40, dx=512, dy=512, hf=2, dtype=dtype)
+    ins, t = make(B=1024, S=40, dx=512, dy=512, hf=2, dtype=dtype, fscale=1 / 256)
     compare(ins, t, kind)
 
 
 @pytest.mark.gpu
 def test_gpu_paper_code_grad_logits_and_determinism():
-    ins, t = make(B=1024, S=40, dx=512, dy=512, hf=2, dtype=torch.bfloat16)
+    ins, t = make(B=1024, S=40, dx=512, dy=512, hf=2, dtype=torch.bfloat16, fscale=1 / 256)
     gl = torch.randn(1024, 40, device=DEV)
     compare(ins, t, "bpr-max", grad_logits=gl)
     a, b = run_kernel(ins, t, "bpr-max"), run_kernel(ins, t, "bpr-max")
@@ -305,72 +432,5 @@ def test_gpu_paper_code_grad_logits_and_determinism():
         assert torch.equal(ga, gb)
 
 
-# ---------------------------------------------------------------------------------------------------- sm_90 compile
-_PTRS_F32 = ("WX", "WY", "BIAS", "W", "PA", "PC", "G", "LOGITS", "DLOG", "DWX_P", "DWY_P", "DW_P", "DB_P",
-             "DPA_P", "DPC_P", "LOSS_P")
-
-
-def _compile_sm90(xdt, **consts):
-    """Ahead-of-time compile of the kernel for an H100 (sm_90) with the bundled ptxas: no GPU needed. Returns the
-    cubin's register count and stack (spill) bytes."""
-    import re
-    import shutil
-    import subprocess
-    from pathlib import Path
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction
-
-    k = K._decoder_loss_kernel
-    fn = k if isinstance(k, JITFunction) else JITFunction(k.fn)  # the interpreter wraps the function
-    sig = {n: "i32" for n in fn.arg_names}
-    sig.update({n: xdt for n in ("X", "Y", "DX", "DY")})
-    sig.update({n: "*fp32" for n in _PTRS_F32})
-    sig.update(TGT="*i64", NKEEP="*i64")
-    base = dict(HAS_X=True, HAS_Y=True, FUSION=True, HF=2, HAS_POS=True, COMPUTE_LOGITS=True, LOSS=1, GRADS=True, WSIGN=-1.0,
-                BLOCK_B=2, BLOCK_S=64, BK=32, BN=32, PREC="tf32")
-    base.update(consts)
-    sig.update({n: "constexpr" for n in base})
-    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(n),): v for n, v in base.items()})
-    cc = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, num_stages=2))
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    if not tool.exists() and shutil.which("cuobjdump") is None:
-        return None, None
-    import tempfile
-
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cc.asm["cubin"])
-        f.flush()
-        out = subprocess.run([str(tool if tool.exists() else "cuobjdump"), "--dump-resource-usage", f.name],
-                             capture_output=True, text=True).stdout
-    m = re.search(r"REG:(\d+) STACK:(\d+)", out)
-    return (int(m.group(1)), int(m.group(2))) if m else (None, None)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("mode", ["train", "chain"])
-def test_compiles_for_sm90_without_spills(mode):
-    """Paper-code configuration (S=40 -> BLOCK_S=64, BLOCK_B=2, bf16, fusion, 8 warps) builds for sm_90."""
-    pytest.importorskip("triton.backends.nvidia")
-    import json
-    import os
-    import subprocess
-    import sys
-
-    consts = {} if mode == "train" else dict(LOSS=0, COMPUTE_LOGITS=False)
-    # The interpreter patches triton.language inside this process, so the real compiler runs in a child
-    # process without TRITON_INTERPRET.
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import test_kernel_decoder_loss as T; "
-            "print(json.dumps(T._compile_sm90('*bf16', **json.loads(sys.argv[2]))))")
-    r = subprocess.run([sys.executable, "-c", code, os.path.dirname(__file__), json.dumps(consts)], env=env,
-                       capture_output=True, text=True, timeout=300)
-    if r.returncode != 0:
-        if "ptxas" in r.stderr.lower():  # no ptxas usable on this machine
-            pytest.skip(f"no usable ptxas: {r.stderr[-300:]}")
-        raise AssertionError(f"sm_90 compile failed:\n{r.stderr[-3000:]}")
-    regs, stack = json.loads(r.stdout.strip().splitlines()[-1])
-    if regs is not None:
-        assert regs <= 255 and stack == 0, (regs, stack)
+# The sm_90 / sm_80 compile check of these kernels (registers, no spills, JIT-faithful specialisation of the real
+# launches at the presets' shapes) lives in tests/test_kernels_compiled.py (bench/compile_table.py).
