@@ -17,13 +17,14 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, Optional
 
+from segfast.ops import BACKENDS  # ("torch", "sdpa", "triton"): one list for the ops, the config and the CLI
+
 __all__ = ["ModelConfig", "TrainConfig", "ConfigError", "PRESETS", "MODALITIES", "ABLATIONS", "LOSSES",
            "model_preset", "train_preset"]
 
 MODALITIES = ("id", "visual", "both")
 ABLATIONS = ("none", "cross-only", "self-only", "no-attention", "no-position")
 LOSSES = ("bpr-max", "bpr-max-literal", "pairwise", "bce")
-BACKENDS = ("torch", "triton")
 LR_SCHEDULES = ("constant", "cosine")
 
 

@@ -87,7 +87,9 @@ class EncoderLayer(nn.Module):
             return {}
         b, l, _ = x.shape
         y = lin(x).view(b, l, len(names), self.h, self.dh).permute(2, 0, 3, 1, 4)  # [k, B, H, L, dh]
-        return {n: y[i] for i, n in enumerate(names)}
+        # unbind, not y[i]: its backward stacks the parts' gradients once, where indexing allocates a full-size
+        # zero gradient per part and sums them (about 2x the split + backward time on CPU, docs/model.md)
+        return dict(zip(names, y.unbind(0)))
 
     def _merge(self, att: Tensor) -> Tensor:
         b, h, l, dh = att.shape

@@ -79,7 +79,7 @@ class SegInterestModel(nn.Module):
         buf.copy_(seen.to(buf.device))
 
     def set_backend(self, name: str) -> None:
-        """Switch the ops backend ("torch" or "triton") of this model."""
+        """Switch the ops backend ("torch", "sdpa" or "triton", segfast.ops.BACKENDS) of this model."""
         from segfast.ops import BACKENDS
         if name not in BACKENDS:
             raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")

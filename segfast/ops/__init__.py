@@ -1,8 +1,13 @@
-"""Functional ops of the segment interest model, with one switch between the PyTorch reference and the
-Triton kernels. The model calls only these; a user's own model variant gets the fast path by doing the same.
+"""Functional ops of the segment interest model, with one switch between the PyTorch reference, PyTorch's
+fused attention and the Triton kernels. The model calls only these; a user's own model variant gets the fast
+path by doing the same.
 
     segfast.ops.set_backend("triton")        # process default
     segfast.ops.cross_attention(..., backend="torch")   # per call
+
+Backends: "torch" (the frozen reference, ``segfast.ops.reference``), "sdpa" (cross_attention through
+``torch.nn.functional.scaled_dot_product_attention``, ``segfast.ops.sdpa``; the decoder ops are the reference's)
+and "triton" (the fused kernels of ``segfast.kernels``).
 """
 from __future__ import annotations
 
@@ -10,12 +15,13 @@ from typing import Optional
 
 from . import reference
 
-BACKENDS = ("torch", "triton")
+BACKENDS = ("torch", "sdpa", "triton")
 _default = "torch"
 
 
 def set_backend(name: str) -> None:
-    """Set the process default backend: "torch" (reference) or "triton" (fused kernels)."""
+    """Set the process default backend: "torch" (reference), "sdpa" (PyTorch fused attention for
+    cross_attention, reference decoder) or "triton" (fused kernels)."""
     global _default
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
@@ -34,9 +40,13 @@ def _resolve(backend: Optional[str]) -> str:
 
 
 def cross_attention(q1, k1, v1, mask1, q2, k2, v2, mask2, scale=None, backend: Optional[str] = None):
-    if _resolve(backend) == "triton":
+    b = _resolve(backend)
+    if b == "triton":
         from segfast.kernels import cross_attention as _k
         return _k.cross_attention(q1, k1, v1, mask1, q2, k2, v2, mask2, scale=scale)
+    if b == "sdpa":
+        from . import sdpa as _s
+        return _s.cross_attention(q1, k1, v1, mask1, q2, k2, v2, mask2, scale=scale)
     return reference.cross_attention(q1, k1, v1, mask1, q2, k2, v2, mask2, scale=scale)
 
 
