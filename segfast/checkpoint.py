@@ -12,10 +12,14 @@ Layout of a run directory::
       last/                resume state: model.safetensors, optimizer.safetensors, rng.safetensors, state.json
       best/                best dev checkpoint: model.safetensors, state.json (no optimizer: resuming uses last/)
 
-Every safetensors file carries ``__metadata__["segfast_sha256"]``, a digest of its tensors (names, dtypes,
-shapes, bytes), checked on load, so a corrupt file is an error naming it even where the safetensors header
-survives. Single files are written to a temp name and renamed; the ``last/`` and ``best/`` directories are
-written whole into a temp directory and swapped in (``.NAME.old`` is used if a crash left no ``NAME``).
+Every safetensors file segfast writes carries ``__metadata__["segfast_sha256"]``, a digest of its tensors
+(names, dtypes, shapes, bytes), checked on load when present, so a corrupt file is an error naming it even
+where the safetensors header survives. A valid safetensors file without the digest (re-saved with
+``safetensors.torch.save_file``, say) loads with a CheckpointWarning. Nothing is ever unpickled.
+
+Single files are written to a temp name and renamed (``segfast._io``: the final mode is the one the umask
+implies); the ``last/`` and ``best/`` directories are written whole into a temp directory and swapped in
+(``.NAME.old`` is used if a crash left no ``NAME``).
 
 RNG state: torch's CPU (and CUDA) generator states are uint8 tensors stored in ``rng.safetensors``; Python's
 ``random`` and NumPy's legacy global state go into ``state.json`` as lists of ints.
@@ -27,16 +31,17 @@ import json
 import os
 import random
 import shutil
-import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
+from segfast import _io
 from segfast.model.config import ConfigError, ModelConfig, TrainConfig
 
-__all__ = ["CheckpointError", "RUN_FORMAT", "save_tensors", "load_tensors", "write_json", "read_json",
+__all__ = ["CheckpointError", "CheckpointWarning", "RUN_FORMAT", "save_tensors", "load_tensors", "write_json", "read_json",
            "data_fingerprint", "write_run_config", "read_run_config", "save_model", "load_model_weights",
            "optimizer_tensors", "load_optimizer_tensors", "capture_rng", "restore_rng", "save_state",
            "load_state", "state_dir", "load_run", "check_compatible"]
@@ -50,35 +55,22 @@ class CheckpointError(ValueError):
     """A missing, corrupt or mismatching checkpoint file; the message names the file."""
 
 
+class CheckpointWarning(UserWarning):
+    """A checkpoint that loads but cannot be fully verified (a safetensors file without segfast's digest)."""
+
+
 # ----------------------------------------------------------------------------------------------------
 # atomic files
 # ----------------------------------------------------------------------------------------------------
 
 def _atomic_write_bytes_via(path: Path, writer) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        writer(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """``writer(tmp)`` writes the file; it is renamed onto ``path`` with the umask-implied mode (segfast._io)."""
+    _io.write_with(path, writer)
 
 
 def write_json(path, obj: Any) -> None:
-    """Write JSON atomically (temp name, then os.replace)."""
-    def w(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-    _atomic_write_bytes_via(Path(path), w)
+    """Write JSON atomically (temp name, umask-implied mode, then os.replace)."""
+    _io.write_json(path, obj, indent=2, sort_keys=True)
 
 
 def read_json(path) -> Any:
@@ -126,9 +118,10 @@ def load_tensors(path, device="cpu") -> tuple[dict, dict]:
     except Exception as e:  # SafetensorError, OSError, ...
         raise CheckpointError(f"{path}: not a readable safetensors file (corrupt or truncated?): {e}") from None
     want = meta.get(_DIGEST_KEY)
-    if want is None:
-        raise CheckpointError(f"{path}: no {_DIGEST_KEY} in the metadata (not written by segfast)")
-    if _digest(tensors) != want:
+    if want is None:  # e.g. re-saved with safetensors.torch.save_file: readable, but nothing to verify against
+        warnings.warn(f"{path}: no {_DIGEST_KEY} in the safetensors metadata (not written by segfast, or "
+                      "re-saved); loading it without verifying its tensor data", CheckpointWarning, stacklevel=2)
+    elif _digest(tensors) != want:
         raise CheckpointError(f"{path}: the tensor data does not match its digest (the file is corrupt)")
     if str(device) != "cpu":
         tensors = {k: v.to(device) for k, v in tensors.items()}
@@ -308,7 +301,7 @@ def save_state(run_dir, which: str, model, state: dict, optimizer=None, device=N
     """Write RUN/<which>/ whole (model, optimizer, RNG, state.json) and swap it in atomically."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{which}.tmp-", dir=run_dir))
+    tmp = _io.temp_dir(run_dir, prefix=f".{which}.tmp-")  # mode as umask implies (mkdtemp alone: 0700)
     try:
         save_model(tmp / "model.safetensors", model)
         js = {"state": state}

@@ -33,6 +33,8 @@ from typing import Dict, Iterable, Optional, Sequence
 
 import numpy as np
 
+from segfast._hash import GOLDEN, splitmix64
+
 S = 40  # slots per video
 DEFAULT_KS = (1, 5, 10)
 METRIC_ORDER = ("HR@1", "NDCG@1", "HR@5", "NDCG@5", "HR@10", "NDCG@10", "MAE")
@@ -42,9 +44,7 @@ BASELINES = ("Random", "AllPosition", "UserPosition", "ItemPosition")
 CHUNK = 65536
 
 _M64 = (1 << 64) - 1
-_C1 = np.uint64(0xBF58476D1CE4E5B9)
-_C2 = np.uint64(0x94D049BB133111EB)
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_GOLDEN = GOLDEN
 _STREAM_TIES = 0x7469657321  # "ties!"
 _STREAM_RANDOM = 0x72616E646F6D  # "random"
 
@@ -131,13 +131,7 @@ def _check_ks(ks) -> tuple:
 # --------------------------------------------------------------------------------------------------------------
 # seeded hashing
 
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64 finaliser on a uint64 array (wrap-around arithmetic)."""
-    x = x ^ (x >> np.uint64(30))
-    x = x * _C1
-    x = x ^ (x >> np.uint64(27))
-    x = x * _C2
-    return x ^ (x >> np.uint64(31))
+_mix64 = splitmix64  # the one SplitMix64 finaliser (segfast._hash)
 
 
 def _slot_keys(seed: int, row_ids: np.ndarray, stream: int) -> np.ndarray:

@@ -5,12 +5,12 @@ Every figure is written atomically (temp name in the target folder, then rename)
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+
+from segfast import _io
 
 __all__ = ["case_study_heatmap", "case_study", "training_curve", "interest_vs_truth"]
 
@@ -27,16 +27,8 @@ def _plt():
 def _save(fig, out_png) -> str:
     plt = _plt()
     out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", suffix=".png", dir=out.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    try:  # temp name, umask-implied mode, rename (segfast._io)
+        _io.write_with(out, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png"))
     finally:
         plt.close(fig)
     return str(out)

@@ -16,36 +16,23 @@ Choices fixed here (docs/internals.md style):
   ``vhist_offset`` is -1 and ``vhist_len`` 0 for every row.
 - Atomicity: everything is written into a hidden temp directory beside ``out`` which is renamed onto
   ``out`` at the end; any exception removes it. With ``overwrite=True`` an existing ``out`` is renamed
-  away, the new one renamed in, then the old one deleted.
+  away, the new one renamed in, then the old one deleted (``segfast._io``; the directory and its files get
+  the modes the umask implies).
 """
 from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from segfast import MAX_SLOTS
+from segfast import MAX_SLOTS, _io
 from segfast.data import splits as _sp
+from segfast.data.labels import n_segments as _n_segments, view_length as _view_length
 from segfast.data.sources import RawInteractions
-
-try:  # labels are owned by segfast.data.labels
-    from segfast.data.labels import n_segments as _n_segments, view_length as _view_length
-except ImportError:  # pragma: no cover - private equivalents (SPEC section 2)
-    def _n_segments(d):
-        d = np.asarray(d, dtype=np.int64)
-        return -((-d) // 5000)
-
-    def _view_length(p, d):
-        p = np.asarray(p, dtype=np.int64)
-        d = np.asarray(d, dtype=np.int64)
-        n = -((-d) // 5000)
-        return np.clip(np.where(p >= d, n, -((-p) // 5000) - 1), 0, n)
 
 __all__ = ["SCHEMA_VERSION", "SOURCES", "PreparedFormatError", "Prepared", "prepare", "prepare_raw",
            "load_prepared"]
@@ -239,8 +226,7 @@ def prepare_raw(
     n_segments_total = int(vid_nseg.sum())
 
     with_features = feature_source is not None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = _io.temp_dir(out.parent, prefix=f".{out.name}.tmp-")  # the mode the umask implies (not mkdtemp's 0700)
     try:
         features_meta = None
         vh_off = np.full(n, -1, dtype=np.int64)
@@ -354,20 +340,7 @@ def _write_features(path, fs, video_ids, vid_nseg, vid_off, dim, fdtype, progres
 
 
 def _install(tmp: Path, out: Path, overwrite: bool) -> None:
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    if not overwrite:
-        raise FileExistsError(f"{out}: output already exists (pass overwrite=True to replace it)")
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    old.rmdir()
-    os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    _io.install_dir(tmp, out, overwrite)
 
 
 # ----------------------------------------------------------------------------------------------------

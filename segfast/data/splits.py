@@ -37,6 +37,8 @@ from typing import Iterator
 
 import numpy as np
 
+from segfast._hash import GOLDEN, splitmix64
+
 __all__ = [
     "SPLIT_CODES",
     "SPLIT_NAMES",
@@ -55,19 +57,8 @@ __all__ = [
 SPLIT_CODES = {"train": 0, "dev": 1, "test": 2, "profile": 3}
 SPLIT_NAMES = {v: k for k, v in SPLIT_CODES.items()}
 
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-
-
-def _mix(z: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser on uint64 arrays (wrapping arithmetic)."""
-    z = z ^ (z >> np.uint64(30))
-    z *= _M1
-    z ^= z >> np.uint64(27)
-    z *= _M2
-    z ^= z >> np.uint64(31)
-    return z
+_GOLDEN = GOLDEN
+_mix = splitmix64  # the one SplitMix64 finaliser (segfast._hash)
 
 
 def hash_keys(seed: int, *columns: np.ndarray) -> np.ndarray:
