@@ -9,21 +9,21 @@ Both come straight from the Task-1 logits p of the N real segments of a (user, v
 
 Durations: a video's duration is the largest ``duration_ms`` over its rows in the prepared dataset (the same
 row that gives ``videos.n_segments``, the largest N). The file-level functions score the pairs with
-``segfast.score.score`` (pairs Parquet: int64 user_id, video_id[, time_ms]) into a temporary directory next
-to ``out_path`` and write one Parquet file atomically (temp name, then rename), one row per pair in input order.
+``segfast.score.score`` (pairs Parquet: int64 user_id, video_id[, time_ms]; the same scoring options:
+backend, batch size, the unknown-id policy ``on_unknown`` "error" / "skip") into a temporary directory next
+to ``out_path`` and write one Parquet file atomically (``segfast._io``), one row per scored pair in input
+order; an existing output is refused unless ``overwrite``.
 """
 from __future__ import annotations
 
 import math
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from segfast import MAX_SLOTS, SEGMENT_MS
+from segfast import MAX_SLOTS, SEGMENT_MS, _io
 
 __all__ = ["segment_range", "thumbnail_segment", "skip_ranges", "thumbnails", "edit"]
 
@@ -89,17 +89,19 @@ def _video_durations(prepared) -> dict:
     return dict(zip(np.asarray(prepared.videos["video_id"]).tolist(), dmax.tolist()))
 
 
-def _scored(run_dir, data_dir, pairs_path, out_path, device="cpu", progress=False):
-    """Yield (user_id, video_id, scores) per pair in input order, via segfast.score.score."""
+def _scored(run_dir, data_dir, pairs_path, out_path, scoring: dict):
+    """(pairs, manifest): (user_id, video_id, scores) per scored pair in input order, via segfast.score.score
+    into a temporary directory beside ``out_path`` (removed afterwards). ``scoring``: score()'s options
+    (device, backend, batch_size, on_unknown, which, progress, ...); with on_unknown="skip" the unknown pairs
+    are left out (counted in the manifest's "rejected")."""
     import pyarrow.parquet as pq
 
     from segfast.score import score
 
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.scores-", dir=out_path.parent))
+    tmp = _io.temp_dir(out_path.parent, prefix=f".{out_path.name}.scores-")
     try:
-        man = score(run_dir, data_dir, pairs_path, tmp / "scores", device=device, progress=progress)
+        man = score(run_dir, data_dir, pairs_path, tmp / "scores", **scoring)
         parts = sorted((tmp / "scores").glob("part-*.parquet"))
         tables = [pq.read_table(p, columns=["row", "user_id", "video_id", "scores"]) for p in parts]
         rows, uids, vids, sc = [], [], [], []
@@ -118,19 +120,29 @@ def _scored(run_dir, data_dir, pairs_path, out_path, device="cpu", progress=Fals
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _write_parquet_atomic(table, out_path: Path) -> None:
-    import pyarrow.parquet as pq
+def _check_output(out_path, overwrite: bool) -> Path:
+    out_path = Path(out_path)
+    if out_path.exists() and not overwrite:
+        raise FileExistsError(f"{out_path}: output already exists (pass overwrite=True / --overwrite to replace it)")
+    if out_path.is_dir():
+        raise IsADirectoryError(f"{out_path}: is a directory; expected the path of a Parquet file to write")
+    return out_path
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.tmp-", dir=out_path.parent)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, out_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+def _scoring(device, progress, options: dict) -> dict:
+    allowed = {"backend", "batch_size", "on_unknown", "which", "part_rows", "prefetch", "max_batch_bytes"}
+    bad = sorted(set(options) - allowed)
+    if bad:
+        raise TypeError(f"unexpected scoring option(s) {bad}; expected some of {sorted(allowed)}")
+    return dict(options, device=device, progress=progress)
+
+
+def _summary(pairs, man, out_path) -> dict:
+    rej = man.get("rejected") or {}
+    return {"pairs": len(pairs), "rejected": int(man.get("rows_rejected") or 0),
+            "rejected_summary": rej.get("summary"), "out": str(out_path),
+            "backend": man.get("backend"), "device": man.get("device"),
+            "batch_size": man.get("effective_batch_size")}
 
 
 def _durations_for(data_dir, pairs) -> list:
@@ -145,12 +157,18 @@ def _durations_for(data_dir, pairs) -> list:
     return out
 
 
-def thumbnails(run_dir, data_dir, pairs_path, out_path, device="cpu", progress: bool = False) -> dict:
+def thumbnails(run_dir, data_dir, pairs_path, out_path, device="cpu", progress: bool = False,
+               overwrite: bool = False, **scoring) -> dict:
     """Write ``out_path`` (Parquet): user_id, video_id, n_segments, duration_ms, thumbnail_slot, start_ms,
-    end_ms, interest (sigmoid of the chosen segment's logit). Returns {"pairs", "out"}."""
+    end_ms, interest (sigmoid of the chosen segment's logit), one row per scored pair in input order.
+
+    ``scoring``: segfast.score.score's options (backend, batch_size, on_unknown="error"/"skip", which, ...);
+    an existing ``out_path`` is an error unless ``overwrite``. Returns {"pairs", "rejected",
+    "rejected_summary", "out", "backend", "device", "batch_size"}."""
     import pyarrow as pa
 
-    pairs, _ = _scored(run_dir, data_dir, pairs_path, out_path, device, progress)
+    out_path = _check_output(out_path, overwrite)
+    pairs, man = _scored(run_dir, data_dir, pairs_path, out_path, _scoring(device, progress, scoring))
     durs = _durations_for(data_dir, pairs)
     cols = {k: [] for k in ("user_id", "video_id", "n_segments", "duration_ms", "thumbnail_slot", "start_ms",
                             "end_ms", "interest")}
@@ -161,19 +179,23 @@ def thumbnails(run_dir, data_dir, pairs_path, out_path, device="cpu", progress: 
     types = {"user_id": pa.int64(), "video_id": pa.int64(), "n_segments": pa.int8(), "duration_ms": pa.int64(),
              "thumbnail_slot": pa.int8(), "start_ms": pa.int64(), "end_ms": pa.int64(), "interest": pa.float32()}
     table = pa.table({k: pa.array(v, type=types[k]) for k, v in cols.items()})
-    _write_parquet_atomic(table, Path(out_path))
-    return {"pairs": len(pairs), "out": str(out_path)}
+    _io.write_parquet(out_path, table)
+    return _summary(pairs, man, out_path)
 
 
 def edit(run_dir, data_dir, pairs_path, out_path, threshold: float = 0.5, device="cpu",
-         progress: bool = False) -> dict:
+         progress: bool = False, overwrite: bool = False, **scoring) -> dict:
     """Write ``out_path`` (Parquet): user_id, video_id, n_segments, duration_ms, skip_start_ms list<int64>,
-    skip_end_ms list<int64>, skipped_ms (total), kept_ms. Returns {"pairs", "out", "skipped_fraction"}."""
+    skip_end_ms list<int64>, skipped_ms (total), kept_ms, one row per scored pair in input order.
+
+    ``scoring`` and ``overwrite`` as in :func:`thumbnails`. Returns thumbnails' summary plus
+    "skipped_fraction" (skipped time over total time of the scored pairs)."""
     import pyarrow as pa
 
     if not 0.0 <= float(threshold) <= 1.0:
         raise ValueError(f"threshold={threshold!r}: expected a probability in [0, 1]")
-    pairs, _ = _scored(run_dir, data_dir, pairs_path, out_path, device, progress)
+    out_path = _check_output(out_path, overwrite)
+    pairs, man = _scored(run_dir, data_dir, pairs_path, out_path, _scoring(device, progress, scoring))
     durs = _durations_for(data_dir, pairs)
     cols = {k: [] for k in ("user_id", "video_id", "n_segments", "duration_ms", "skip_start_ms", "skip_end_ms",
                             "skipped_ms", "kept_ms")}
@@ -186,7 +208,7 @@ def edit(run_dir, data_dir, pairs_path, out_path, threshold: float = 0.5, device
              "skip_start_ms": pa.list_(pa.int64()), "skip_end_ms": pa.list_(pa.int64()),
              "skipped_ms": pa.int64(), "kept_ms": pa.int64()}
     table = pa.table({k: pa.array(v, type=types[k]) for k, v in cols.items()})
-    _write_parquet_atomic(table, Path(out_path))
+    _io.write_parquet(out_path, table)
     total = sum(durs)
-    return {"pairs": len(pairs), "out": str(out_path),
-            "skipped_fraction": (sum(cols["skipped_ms"]) / total) if total else 0.0}
+    return dict(_summary(pairs, man, out_path),
+                skipped_fraction=(sum(cols["skipped_ms"]) / total) if total else 0.0)

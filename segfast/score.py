@@ -34,6 +34,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from segfast import _io
+
 __all__ = ["score", "score_from_args", "add_arguments", "main", "latest_visual_histories", "PairsFile",
            "ScoreInputError", "UnknownIdsError", "OutDirError", "DEFAULT_PART_ROWS", "OUTPUT_COLUMNS"]
 
@@ -82,31 +84,11 @@ def _sha256_file(path: Path, chunk: int = 8 << 20) -> str:
 
 
 def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    _io.write_json(path, obj, indent=1)  # temp name, umask-implied mode, rename (segfast._io)
 
 
 def _atomic_parquet(path: Path, table) -> None:
-    import pyarrow.parquet as pq
-
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    _io.write_parquet(path, table, compression="zstd")
 
 
 def _read_json(path: Path):
@@ -761,6 +743,7 @@ def _scan(pairs: PairsFile, index: _Index, on_unknown: str, data_dir, write_reje
         if writer is not None:
             writer.close()
             writer = None
+            os.chmod(tmp, _io.file_mode())
             os.replace(tmp, write_rejected)
     except BaseException:
         if writer is not None:
@@ -959,6 +942,10 @@ class _Job:
 
 def _resolve_device(device) -> str:
     d = str(device)
+    if d == "auto":  # the CLI's default: CUDA when available
+        import torch
+
+        d = "cuda" if torch.cuda.is_available() else "cpu"
     if d == "cpu":
         return d
     if d.startswith("cuda"):
@@ -1004,8 +991,10 @@ def score(run_dir, data_dir, pairs_path, out_dir, backend: Optional[str] = None,
             raise ValueError(f"{name}={val!r}: expected a positive integer")
     if not isinstance(rank, (int, np.integer)) or not 0 <= rank < world_size:
         raise ValueError(f"rank={rank!r}: expected 0 <= rank < world_size={world_size}")
-    if backend is not None and backend not in ("torch", "triton"):
-        raise ValueError(f"backend={backend!r}: expected 'torch', 'triton' or None")
+    from segfast.ops import BACKENDS
+
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}: expected one of {BACKENDS} or None")
     info = dist_.DistInfo(int(rank), int(world_size), dist_.env_info().local_rank if world_size > 1 else 0,
                           dist_.env_info().local_world_size if world_size > 1 else 1)
     device = _resolve_device(dist_.device_for(device, info) if world_size > 1 else device)
@@ -1153,20 +1142,10 @@ def score(run_dir, data_dir, pairs_path, out_dir, backend: Optional[str] = None,
 # ----------------------------------------------------------------------------------------------------
 
 def add_arguments(p) -> None:
-    # --run-dir: under torchrun, a bare --run is an ambiguous abbreviation of torchrun's own --run-path
-    p.add_argument("--run-dir", "--run", dest="run", required=True, help="run directory (segfast train --out)")
-    p.add_argument("--data", required=True, help="prepared dataset the run was trained on")
-    p.add_argument("--pairs", required=True, help="Parquet file with int64 user_id, video_id [, time_ms]")
-    p.add_argument("--out", required=True, help="output directory (parts + manifest.json)")
-    p.add_argument("--which", choices=["best", "last", "final"], default="best")
-    p.add_argument("--batch-size", type=int, default=None, help="default: 1024 on CPU, 8192 on GPU")
-    p.add_argument("--part-rows", type=int, default=DEFAULT_PART_ROWS)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--backend", choices=["torch", "triton"], default=None)
-    p.add_argument("--on-unknown", choices=list(ON_UNKNOWN), default="error")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--no-prefetch", action="store_true", help="assemble batches in the main thread")
-    p.add_argument("--quiet", action="store_true")
+    """The ``segfast score`` flags; one definition, shared with thumbnails / edit (``segfast.cli``)."""
+    from segfast.cli import add_score_arguments
+
+    add_score_arguments(p)
 
 
 def score_from_args(a) -> dict:
@@ -1175,7 +1154,7 @@ def score_from_args(a) -> dict:
 
     info = dist_.env_info()
     with dist_.process_group(a.device):
-        return score(a.run, a.data, a.pairs, a.out, backend=a.backend, batch_size=a.batch_size, device=a.device,
+        return score(a.run_dir, a.data, a.pairs, a.out, backend=a.backend, batch_size=a.batch_size, device=a.device,
                      part_rows=a.part_rows, overwrite=a.overwrite, progress=not a.quiet, rank=info.rank,
                      world_size=info.world_size, on_unknown=a.on_unknown, which=a.which,
                      prefetch=not a.no_prefetch)
@@ -1187,6 +1166,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="segfast score", description="score (user, video) pairs with a trained run")
     add_arguments(p)
     a = p.parse_args(argv)
+    from segfast.cli import UsageError, apply_runtime
+
+    try:
+        apply_runtime(a)
+    except UsageError as e:
+        print(f"segfast score: error: {e}", file=sys.stderr)
+        return 2
     try:
         man = score_from_args(a)
     except (FileNotFoundError, FileExistsError, ValueError) as e:

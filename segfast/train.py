@@ -387,9 +387,9 @@ def _train(data_dir, out_dir, model_config: ModelConfig, tc: TrainConfig, progre
             best = state_dir(out, "best")
             if best is not None:
                 import shutil
-                tmp = out / ".model.safetensors.copy"
-                shutil.copyfile(best / "model.safetensors", tmp)
-                os.replace(tmp, out / "model.safetensors")
+
+                from segfast import _io
+                _io.write_with(out / "model.safetensors", lambda tmp: shutil.copyfile(best / "model.safetensors", tmp))
             else:
                 save_model(out / "model.safetensors", model)
             summary = {"step": st["step"], "epoch": st["epoch"], "stopped": stopped, "finished": st["finished"],
@@ -554,7 +554,10 @@ def configs_from_args(a) -> tuple[ModelConfig, TrainConfig]:
     mfields = {f.name for f in fields(ModelConfig)}
     tfields = {f.name for f in fields(TrainConfig)}
     m_over = {"modality": a.modality}
-    t_over = {"device": a.device}
+    device = a.device
+    if device == "auto":  # the CLI's default (segfast.cli resolves it too): CUDA when available
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    t_over = {"device": device}
     for name, dest in (("loss", m_over), ("ablation", m_over), ("backend", m_over), ("epochs", t_over),
                        ("batch_size", t_over), ("lr", t_over), ("seed", t_over), ("eval_every", t_over),
                        ("patience", t_over)):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -307,7 +308,7 @@ def _train_one(data: _Data, backbone: str, weighting: str, seed: int, epochs: in
         dev_auc = auc(data.labels[data.rows["dev"]], _predict(model, data, data.rows["dev"], 4 * batch_size, device))
         if progress:
             print(f"  {backbone}/{weighting} seed {seed} epoch {ep}: train loss {losses[-1]:.4f} "
-                  f"dev AUC {dev_auc:.4f}", flush=True)
+                  f"dev AUC {dev_auc:.4f}", file=sys.stderr, flush=True)  # logs: stderr (stdout is for results)
         if dev_auc > best[0]:
             best, bad = (dev_auc, copy.deepcopy(model.state_dict()), ep), 0
         else:
