@@ -15,7 +15,11 @@ if "TRITON_INTERPRET" not in os.environ:
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
-SAMPLE_CSV = SHARED_DATA / "SegMM_inter_sample.csv"
+# The public 10,000-row SegMM sample is not in the repository: its path comes from SEGFAST_SEGMM_SAMPLE
+# (.ci/run sets it), by default ../shared/data beside the repo; the tests that need it skip without it.
+SAMPLE_ENV = "SEGFAST_SEGMM_SAMPLE"
+SAMPLE_CSV = Path(os.environ.get(SAMPLE_ENV) or SHARED_DATA / "SegMM_inter_sample.csv")
+SAMPLE_SKIP = f"SegMM sample not found at {SAMPLE_CSV} (set {SAMPLE_ENV} to the SegMM_inter_sample.csv path)"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -31,6 +35,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def sample_csv() -> Path:
-    if not SAMPLE_CSV.exists():
-        pytest.fail(f"the public SegMM sample is expected at {SAMPLE_CSV} (../shared/data beside the repo)")
+    """Path of the public SegMM sample; the test is skipped (one-line reason) where it is absent."""
+    if not SAMPLE_CSV.is_file():
+        pytest.skip(SAMPLE_SKIP)
     return SAMPLE_CSV

@@ -1,6 +1,5 @@
 """The SPEC section 2 label rule: hand-computed cases and all 10,000 rows of the real public sample."""
 import csv
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,9 +7,6 @@ import pytest
 from segfast.data.labels import (
     label_matrix, label_vector, labels_from_rows, n_segments, target_slot, view_length,
 )
-
-SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "SegMM_inter_sample.csv"
-
 
 @pytest.mark.parametrize("play,dur,expected", [
     (5000, 12000, [0, -1, -1]),          # play exactly 5000 ms -> k = 0
@@ -80,9 +76,9 @@ def test_vectorised_equals_scalar():
         assert (m[i, lv.shape[0]:] == -1).all()
 
 
-def test_real_sample_every_row():
+def test_real_sample_every_row(sample_csv):
     """The rule reproduces every label_1D of the 10,000-row public sample (independent csv parse)."""
-    with open(SAMPLE, newline="") as f:
+    with open(sample_csv, newline="") as f:
         r = csv.reader(f)
         header = next(r)
         rows = list(r)

@@ -11,13 +11,12 @@ from segfast.data.sources.kuairand import KUAIRAND_COLUMNS, read_kuairand
 from segfast.data.sources.segmm import FeatureMatrix, read_segmm
 from segfast.data.sources.segmm_sample import read_segmm_sample
 
-SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "SegMM_inter_sample.csv"
 SAMPLE_HEADER = "user_id,video_id,time_ms,duration_ms,playing_time,label_1D\n"
 
 
 # ----------------------------------------------------------------------------- SegMM sample
-def test_real_sample_parses_all_rows():
-    s = read_segmm_sample(SAMPLE)
+def test_real_sample_parses_all_rows(sample_csv):
+    s = read_segmm_sample(sample_csv)
     raw = s.interactions
     assert raw.rows_read == 10000 and len(raw) == 10000
     assert raw.dropped == {"play_time_nonpositive": 0, "duration_out_of_range": 0}
@@ -357,9 +356,9 @@ def test_kuairand_bad_input(tmp_path):
         read_kuairand(tmp_path / "missing", progress=False)
 
 
-def test_labels_of_read_rows_follow_rule():
+def test_labels_of_read_rows_follow_rule(sample_csv):
     """Reader + label rule together on the sample: labels_from_rows equals the parsed label_1D."""
-    s = read_segmm_sample(SAMPLE, check_labels=False)
+    s = read_segmm_sample(sample_csv, check_labels=False)
     vals, offs = labels_from_rows(s.interactions.play_time_ms, s.interactions.duration_ms)
     np.testing.assert_array_equal(offs, s.label_offsets)
     np.testing.assert_array_equal(vals, s.labels)
