@@ -39,6 +39,8 @@ float64 inputs (gradcheck) fall back to the frozen reference (``segfast.ops.refe
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -98,8 +100,10 @@ def _decoder_kernel(
     HAS_POS: tl.constexpr, COMPUTE_LOGITS: tl.constexpr, LOSS: tl.constexpr, GRADS: tl.constexpr,
     WSIGN: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BKD: tl.constexpr, BND: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
+    # Chunks: x_h W_h (forward, chain dy) is accumulated [M, BN] wide over BK-wide x chunks; y_h W_h^T (dx) is
+    # accumulated [M, BKD] wide over BND-wide y chunks (wide accumulators = fewer re-reads of the other operand).
     # LOSS: 0 = none (G given when GRADS), 1 = bpr-max (weights softmax(WSIGN * p)), 2 = pairwise.
     # HF is the number of fusion heads when FUSION, else 1 (then KH = DXD and NH = DYD).
     # The dot operand dtype is the fusion weight's (W is cast to the input dtype on the host).
@@ -221,26 +225,28 @@ def _decoder_kernel(
             offs_s = tl.arange(0, BLOCK_S)
             tl.store(DPC_P + blk.to(tl.int64) * S + offs_s, tl.sum(g2, axis=0), mask=offs_s < S)
         if HAS_X:
+            offs_kd = tl.arange(0, BKD)
+            offs_nd = tl.arange(0, BND)
             for h in range(HF):
-                for kc in range(0, KH, BK):
-                    kcol = kc + offs_k                                            # [BK]
+                for kc in range(0, KH, BKD):
+                    kcol = kc + offs_kd                                           # [BKD]
                     km = kcol < KH
                     xcol = (h * KH + kcol).to(tl.int64)
                     xm = pair_ok[:, None] & km[None, :]
                     xt = tl.load(X + x_row[:, None] + xcol[None, :] * sxd, mask=xm, other=0.0).to(tl.float32)
                     tl.store(DWX_P + blk.to(tl.int64) * DXD + xcol, tl.sum(g[:, None] * xt, axis=0), mask=km)
-                    u = tl.zeros([M, BK], dtype=tl.float32)                       # [M, BK] = y_h @ W_h^T
+                    u = tl.zeros([M, BKD], dtype=tl.float32)                      # [M, BKD] = y_h @ W_h^T
                     if FUSION:
-                        for nc in range(0, NH, BN):
-                            ncol = nc + offs_n                                    # [BN]
+                        for nc in range(0, NH, BND):
+                            ncol = nc + offs_nd                                   # [BND]
                             nm = ncol < NH
                             yt = _operand(tl.load(Y + y_row[:, None] + (h * NH + ncol)[None, :].to(tl.int64) * syd,
                                                   mask=pair_ok[:, None] & nm[None, :], other=0.0), DT, UPCAST)
                             wt = _operand(tl.load(W + h * KH * NH + kcol[:, None] * NH + ncol[None, :],
                                                   mask=km[:, None] & nm[None, :], other=0.0), DT, UPCAST)
-                            u = tl.dot(yt, tl.trans(wt), u, input_precision=PREC)                   # [M, BK]
-                    wv = tl.load(WX + xcol, mask=km, other=0.0).to(tl.float32)                      # [BK]
-                    dxt = g[:, None] * (wv[None, :] + u)                                            # [M, BK]
+                            u = tl.dot(yt, tl.trans(wt), u, input_precision=PREC)                   # [M, BKD]
+                    wv = tl.load(WX + xcol, mask=km, other=0.0).to(tl.float32)                      # [BKD]
+                    dxt = g[:, None] * (wv[None, :] + u)                                            # [M, BKD]
                     tl.store(DX + row64[:, None] * sdxb + ss64[:, None] * sdxs + xcol[None, :] * sdxd,
                              dxt.to(DX.dtype.element_ty), mask=xm)
         if HAS_Y:
@@ -331,19 +337,25 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _config(S: int, KH: int, NH: int, dtype: torch.dtype, device: torch.device) -> dict:
+def _config(S: int, KH: int, NH: int, dtype: torch.dtype, device: torch.device, grads: bool = True,
+            on_gpu: Optional[bool] = None) -> dict:
     """Block sizes and warps of both kernels. Interpreter: small blocks (cheap programs, several blocks and
-    several dW splits even at test sizes); GPU: 128 pairs per block, 32-wide feature chunks (see
-    csrc_notes/decoder_loss.md for the compiled register counts)."""
+    several dW splits even at test sizes). GPU: 128 pairs per block, 8 warps, 32-wide feature chunks (two
+    programs per SM: ~120 registers in training, 16-bit); the forward-only kernel with 16-bit inputs
+    accumulates x_h W_h 64 wide (half the re-reads of x, still two programs per SM on sm_90). Register counts
+    per variant: csrc_notes/decoder_loss.md and csrc_notes/compiled.md."""
     block_s = max(16, _next_pow2(S))
     bk = max(16, min(32, _next_pow2(KH)))
     bn = max(16, min(32, _next_pow2(NH)))
-    if not _on_gpu(device):
-        return dict(BLOCK_B=2 if block_s <= 64 else 1, BLOCK_S=block_s, BK=bk, BN=bn, num_warps=4,
-                    BKW=max(16, min(64, _next_pow2(KH))), BNW=max(16, min(64, _next_pow2(NH))), BP=32,
-                    dw_warps=4, n_sm=8)
+    if not (_on_gpu(device) if on_gpu is None else on_gpu):
+        # different chunk widths per phase on purpose (exercises the masks and the BK / BKD split)
+        return dict(BLOCK_B=2 if block_s <= 64 else 1, BLOCK_S=block_s, BK=16, BN=bn, BKD=bk, BND=16,
+                    num_warps=4, BKW=max(16, min(64, _next_pow2(KH))), BNW=max(16, min(64, _next_pow2(NH))),
+                    BP=32, dw_warps=4, n_sm=8)
     half = dtype in (torch.float16, torch.bfloat16)
-    cfg = dict(BLOCK_B=max(1, 128 // block_s), BLOCK_S=block_s, BK=bk, BN=bn, num_warps=8,
+    if half and not grads:
+        bn = max(16, min(64, _next_pow2(NH)))
+    cfg = dict(BLOCK_B=max(1, 128 // block_s), BLOCK_S=block_s, BK=bk, BN=bn, BKD=bk, BND=bn, num_warps=8,
                BKW=max(16, min(128, _next_pow2(KH))), BNW=max(16, min(128, _next_pow2(NH))),
                BP=64 if half else 32, dw_warps=8, n_sm=_num_sms(device))
     cfg.update(TUNE)
@@ -403,7 +415,7 @@ def _check(x, y, w_x, w_y, bias, fusion, pos_a, pos_c):
 
 
 def _launch(x, y, w_x, w_y, bias, fusion, pos_a, pos_c, *, target=None, G=None, loss=0,
-            compute_logits=True, grads=False, wsign=-1.0):
+            compute_logits=True, grads=False, wsign=-1.0, on_gpu=None):
     """Run the kernels once; returns a dict of the requested outputs (per-block / per-split partials are summed
     here, in torch, in a fixed order)."""
     B, S = _check(x, y, w_x, w_y, bias, fusion, pos_a, pos_c)
@@ -416,7 +428,7 @@ def _launch(x, y, w_x, w_y, bias, fusion, pos_a, pos_c, *, target=None, G=None, 
     DYD = y.shape[2] if has_y else 0
     HF = fusion.shape[0] if has_f else 1
     KH, NH = (DXD // HF, DYD // HF) if has_f else (DXD, DYD)
-    cfg = _config(S, max(KH, 1), max(NH, 1), cdt, dev)
+    cfg = _config(S, max(KH, 1), max(NH, 1), cdt, dev, grads, on_gpu)
     BLOCK_B = cfg["BLOCK_B"]
     n_blocks = triton.cdiv(B, BLOCK_B)
     upcast = _upcast(cdt)
@@ -470,7 +482,7 @@ def _launch(x, y, w_x, w_y, bias, fusion, pos_a, pos_c, *, target=None, G=None, 
             sdx[0], sdx[1], sdx[2], sdy[0], sdy[1], sdy[2],
             HAS_X=has_x, HAS_Y=has_y, FUSION=has_f, HF=HF, HAS_POS=has_pos,
             COMPUTE_LOGITS=compute_logits, LOSS=loss, GRADS=grads, WSIGN=float(wsign),
-            BLOCK_B=BLOCK_B, BLOCK_S=cfg["BLOCK_S"], BK=cfg["BK"], BN=cfg["BN"],
+            BLOCK_B=BLOCK_B, BLOCK_S=cfg["BLOCK_S"], BK=cfg["BK"], BN=cfg["BN"], BKD=cfg["BKD"], BND=cfg["BND"],
             UPCAST=upcast, PREC=prec, num_warps=cfg["num_warps"], num_stages=2,
         )
 
@@ -521,9 +533,10 @@ def _launch(x, y, w_x, w_y, bias, fusion, pos_a, pos_c, *, target=None, G=None, 
 _GRAD_KEYS = ("dx", "dy", "dw_x", "dw_y", "dbias", "dfusion", "dpos_a", "dpos_c")
 
 
-def _chain(inputs, G: Tensor):
-    """Gradients of every input for a given dL/dlogits ``G [B, S]`` (the chain kernel)."""
-    out = _launch(*inputs, G=G, compute_logits=False, grads=True)
+def _chain(inputs, G: Tensor, on_gpu: Optional[bool] = None):
+    """Gradients of every input for a given dL/dlogits ``G [B, S]`` (the chain kernel). ``on_gpu``: the
+    forward's choice of launch config (kept, so the backward never decides differently from the forward)."""
+    out = _launch(*inputs, G=G, compute_logits=False, grads=True, on_gpu=on_gpu)
     return tuple(out[k] for k in _GRAD_KEYS)
 
 
@@ -538,6 +551,7 @@ class _DecodeAndLoss(torch.autograd.Function):
         inputs = (x, y, w_x, w_y, bias, fusion, pos_a, pos_c)
         out = _launch(*inputs, target=target, loss=LOSS_KINDS[kind], grads=True, wsign=_WSIGN[kind])
         ctx.set_materialize_grads(False)
+        ctx.on_gpu = _on_gpu((x if x is not None else y).device)
         ctx.inputs = inputs  # saved by reference (not save_for_backward: the chain path re-reads x, y)
         ctx.dlogits = out["dlogits"]
         ctx.grads = tuple(out[k] for k in _GRAD_KEYS)
@@ -553,7 +567,7 @@ class _DecodeAndLoss(torch.autograd.Function):
             G = grad_logits.to(torch.float32)
             if grad_loss is not None:
                 G = G + ctx.dlogits * grad_loss.to(torch.float32)
-            grads = _chain(ctx.inputs, G)
+            grads = _chain(ctx.inputs, G, ctx.on_gpu)
         return _mask_needed(ctx, grads) + (None, None)
 
 
@@ -562,6 +576,7 @@ class _SegmentDecoder(torch.autograd.Function):
     def forward(ctx, x, y, w_x, w_y, bias, fusion, pos_a, pos_c):
         inputs = (x, y, w_x, w_y, bias, fusion, pos_a, pos_c)
         ctx.inputs = inputs
+        ctx.on_gpu = _on_gpu((x if x is not None else y).device)
         ctx.set_materialize_grads(False)
         return _launch(*inputs)["logits"]
 
@@ -569,7 +584,7 @@ class _SegmentDecoder(torch.autograd.Function):
     def backward(ctx, grad_logits):
         if grad_logits is None:
             return (None,) * 8
-        return _mask_needed(ctx, _chain(ctx.inputs, grad_logits))
+        return _mask_needed(ctx, _chain(ctx.inputs, grad_logits, ctx.on_gpu))
 
 
 # --------------------------------------------------------------------------------------------------------------
