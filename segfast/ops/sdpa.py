@@ -86,10 +86,13 @@ def cross_attention(q1, k1, v1, mask1, q2, k2, v2, mask2, scale=None) -> Tensor:
         mask = torch.cat([m1.bool(), m2.bool()], dim=-1)                                 # [B, L1+L2]
 
     any_valid = mask.any(dim=-1)                                                         # [B]
-    # open the fully masked rows to every key (finite softmax), then zero their output below
-    mask = mask | ~any_valid[:, None]
+    # on CPU the check is free (no device sync): skip the two extra passes when every row has a key
+    fix = mask.device.type != "cpu" or not bool(any_valid.all())
+    if fix:  # open the fully masked rows to every key (finite softmax), then zero their output below
+        mask = mask | ~any_valid[:, None]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], scale=float(scale))
     if out.shape[-1] != D:
         out = out[..., :D]
-    out = torch.where(any_valid[:, None, None, None], out, out.new_zeros(()))
+    if fix:
+        out = torch.where(any_valid[:, None, None, None], out, out.new_zeros(()))
     return out.to(out_dtype)
