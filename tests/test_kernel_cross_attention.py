@@ -1,8 +1,12 @@
 """Fused cross-attention kernel vs the frozen reference: forward and all six gradients.
 
 On CPU the kernels run in the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1), where every
-dot is computed in fp32 (fp16/bf16 inputs are upcast on load); the GPU-only cases at the end exercise the
-compiled tensor-core paths and GPU-scale shapes (bench/gpu_check.sh).
+dot is computed in fp32 (fp16/bf16 inputs are upcast on load) except in the fp16 test of the GPU path
+(`_INTERPRETER_UPCAST = False`: native fp16 dots, which the interpreter computes right). Both backward paths
+(the one-kernel "fused" backward and the dq + dk/dv "split" fallback) run every correctness case. The
+GPU-only cases at the end exercise the compiled tensor-core paths and GPU-scale shapes (bench/gpu_check.sh);
+registers / spills of every launch at the presets' shapes, compiled for sm_90 and sm_80 without a GPU, are
+checked by tests/test_kernels_compiled.py.
 
 Tolerance table: err = max|x - ref| must be <= atol + rtol * max|ref| (per tensor).
 
@@ -39,6 +43,24 @@ NAMES = ("q1", "k1", "v1", "q2", "k2", "v2")
 def _poison(monkeypatch):
     monkeypatch.setattr(common, "POISON", True)
     yield
+
+
+@pytest.fixture(params=["fused", "split"])
+def bwd(request, monkeypatch):
+    """Both backward paths: the one-kernel backward and the dq + per-source dk/dv kernels (the fallback)."""
+    monkeypatch.setattr(ca, "_BACKWARD", request.param)
+    return request.param
+
+
+class _CountLaunches:
+    """Stands in for a @triton.jit kernel and counts its launches (kernel[grid](...))."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
 
 
 def _mask(B, L, n_real, gen):
@@ -110,18 +132,18 @@ def _check(args, dtype=torch.float32, scale=None, seed=1):
         (1, 1, 100, 40, 100, 32),  # user stream: Lq = 100 queries
     ],
 )
-def test_forward_backward_fp32(B, H, LQ, L1, L2, D):
+def test_forward_backward_fp32(B, H, LQ, L1, L2, D, bwd):
     _check(_inputs(B, H, LQ, L1, L2, D, seed=B * 100 + LQ))
 
 
-def test_padding_layout_and_fully_masked_history():
+def test_padding_layout_and_fully_masked_history(bwd):
     # first-N masks as SegMM batches produce; row 1 has no user history at all (mask2 all False)
     B, H, LQ, L1, L2, D = 3, 1, 12, 12, 30, 16
     args = _inputs(B, H, LQ, L1, L2, D, n1=[12, 3, 1], n2=[30, 0, 17], seed=3)
     _check(args)
 
 
-def test_all_keys_masked_row_gives_zeros():
+def test_all_keys_masked_row_gives_zeros(bwd):
     B, H, LQ, L1, L2, D = 3, 2, 5, 6, 9, 16
     args = list(_inputs(B, H, LQ, L1, L2, D, seed=4))
     args[3][1] = False
@@ -134,34 +156,34 @@ def test_all_keys_masked_row_gives_zeros():
 
 
 @pytest.mark.parametrize("missing", [1, 2])
-def test_one_source_none(missing):
+def test_one_source_none(missing, bwd):
     L1, L2 = (None, 23) if missing == 1 else (17, None)
     _check(_inputs(2, 2, 11, L1, L2, 24, seed=5 + missing))
 
 
-def test_multi_tile_paths(monkeypatch):
+def test_multi_tile_paths(monkeypatch, bwd):
     # force 16-wide blocks: several query tiles, several key blocks per source, partial last tiles
     monkeypatch.setattr(ca, "_FORCE_BLOCKS", {"BLOCK_M": 16, "BLOCK_N": 16})
     _check(_inputs(1, 2, 37, 33, 50, 24, n1=[20], n2=[41], seed=7))
 
 
-def test_strided_views_and_scale():
+def test_strided_views_and_scale(bwd):
     args = _inputs(2, 2, 9, 8, 21, 16, layout="blhd", seed=8)
     assert not args[0].is_contiguous()
     _check(args, scale=0.37)
 
 
-def test_head_dim_over_64_not_pow2():
+def test_head_dim_over_64_not_pow2(bwd):
     _check(_inputs(1, 1, 5, 6, 7, 80, seed=9))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_inputs(dtype):
+def test_half_inputs(dtype, bwd):
     out, _ = _check(_inputs(2, 1, 10, 9, 30, 32, dtype=dtype, n2=[30, 0], seed=10), dtype=dtype)
     assert out.dtype == dtype
 
 
-def test_deterministic_bitwise():
+def test_deterministic_bitwise(bwd):
     args = _inputs(1, 2, 33, 20, 40, 16, seed=11)
     g = torch.randn(1, 2, 33, 16).to(DEV)
     runs = []
@@ -183,7 +205,7 @@ def test_poison_is_active_and_dispatcher():
     torch.testing.assert_close(out, reference.cross_attention(*args), atol=1e-5, rtol=1e-4)
 
 
-def test_empty_and_fallback_cases():
+def test_empty_and_fallback_cases(bwd):
     _check(_inputs(2, 1, 3, 4, 0, 16, seed=15))   # empty (not None) user history: L2 = 0
     _check(_inputs(2, 1, 0, 4, 5, 16, seed=16))   # no queries
     a = list(_inputs(1, 1, 3, 4, 5, 16, seed=17))
@@ -201,6 +223,68 @@ def test_bad_arguments():
     q = torch.zeros(1, 1, 2, 16)
     with pytest.raises(ValueError):
         ca.cross_attention(q, q, None, torch.ones(1, 2, dtype=torch.bool), None, None, None, None)
+
+
+def test_padded_keys_are_never_read(bwd):
+    # NaN in every masked key / value: a kernel that loads them (even to multiply by p = 0) returns NaN. The
+    # reference gets zeros there (its p = 0 times NaN would be NaN); masked keys get zero gradients either way.
+    B, H, LQ, L1, L2, D = 3, 2, 21, 19, 45, 16
+    a = list(_inputs(B, H, LQ, L1, L2, D, n1=[19, 4, 0], n2=[45, 13, 2], seed=21))
+    a[7][1, 30] = True  # one real key after a gap: not a prefix mask
+    ref_args = list(a)
+    for kv, m in ((1, 3), (2, 3), (5, 7), (6, 7)):
+        pad = ~a[m][:, None, :, None].expand_as(a[kv])
+        ref_args[kv] = a[kv].masked_fill(pad, 0.0)
+        a[kv] = a[kv].masked_fill(pad, float("nan"))
+    a_k, a_r = _leaves(a), _leaves(ref_args)
+    out = ca.cross_attention(*a_k)
+    ref = reference.cross_attention(*a_r)
+    _close("out", out, ref, torch.float32, "out")
+    g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(22))
+    idx = (0, 1, 2, 4, 5, 6)
+    for n, x, r in zip(NAMES, torch.autograd.grad(out, [a_k[i] for i in idx], g),
+                       torch.autograd.grad(ref, [a_r[i] for i in idx], g)):
+        _close("d" + n, x, r, torch.float32, "grad")
+
+
+def test_fused_backward_is_the_default_where_it_fits(monkeypatch):
+    # half precision at the presets' shapes (Lq 40 / 100, keys 40 + 100, D 16 / 32) takes the one-kernel
+    # backward: 1 launch (fp32 operands need ~5x the registers: those shapes run the split kernels)
+    fused, dq, dkdv = (_CountLaunches(k) for k in (ca._bwd_fused_kernel, ca._bwd_dq_kernel, ca._bwd_dkdv_kernel))
+    monkeypatch.setattr(ca, "_bwd_fused_kernel", fused)
+    monkeypatch.setattr(ca, "_bwd_dq_kernel", dq)
+    monkeypatch.setattr(ca, "_bwd_dkdv_kernel", dkdv)
+    for D in (16, 32):
+        assert ca._launch_meta(100, 40, 100, D, arch=90)["fused"] is not None   # H100 / H200
+    assert ca._launch_meta(40, 40, 100, 32, fp32=True)["fused"] is None
+    _check(_inputs(1, 1, 40, 40, 100, 16, dtype=torch.float16, n1=[33], n2=[71], seed=23), dtype=torch.float16)
+    assert (fused.launches, dq.launches, dkdv.launches) == (1, 0, 0)
+    # a source with more than 128 keys does not fit one tile: the dq + dk/dv kernels (1 + 2 launches)
+    assert ca._launch_meta(8, 4, 200, 16)["fused"] is None
+    _check(_inputs(1, 1, 8, 4, 200, 16, n2=[150], seed=24))
+    assert (fused.launches, dq.launches, dkdv.launches) == (1, 1, 2)
+    monkeypatch.setattr(ca, "_BACKWARD", "fused")
+    with pytest.raises(ValueError, match="fused backward needs"):
+        _check(_inputs(1, 1, 8, 4, 200, 16, seed=25))
+
+
+def test_fused_backward_several_query_tiles_per_source(monkeypatch):
+    # 16-row query tiles: the fused program loops over 3 query tiles per source (last one partial), keeping the
+    # dk / dv accumulators of the source's keys across them
+    monkeypatch.setattr(ca, "_BACKWARD", "fused")
+    monkeypatch.setattr(ca, "_FORCE_BLOCKS", {"BLOCK_M": 16})
+    _check(_inputs(2, 1, 37, 23, 50, 24, n1=[23, 5], n2=[41, 50], seed=26))
+
+
+@pytest.mark.parametrize("LQ", [40, 100])
+def test_fp16_gpu_path_without_upcast_at_paper_shapes(LQ, bwd, monkeypatch):
+    # the GPU path (fp16 operands into the dots, p / ds cast to fp16) run in the interpreter, which computes fp16
+    # dots right (not bf16): paper-code head dim 32, 40 video + 100 user keys, two (b, h) only
+    monkeypatch.setattr(ca, "_INTERPRETER_UPCAST", False)
+    assert not ca._upcast(torch.float16)
+    args = _inputs(2, 1, LQ, 40, 100, 32, dtype=torch.float16, n1=[40, 27], n2=[100, 58], seed=27 + LQ)
+    out, _ = _check(args, dtype=torch.float16)
+    assert out.dtype == torch.float16
 
 
 # ------------------------------------------------------------------------------------------- GPU only
@@ -240,85 +324,3 @@ def test_gpu_deterministic_large():
 def test_gpu_fp32_ieee_option(monkeypatch):
     monkeypatch.setattr(ca, "FP32_DOT_PRECISION", "ieee")
     _check(_inputs(32, 4, 40, 40, 100, 64, seed=14))
-
-
-# ------------------------------------------------------------------------------------------- sm_90 compile check
-# Ahead-of-time compilation of the kernels for sm_90 (H100 / H200) with the launch configs the wrapper uses:
-# runs without a GPU (Triton ships ptxas), in a subprocess because the interpreter replaces @triton.jit.
-AOT_CASES = [  # (dtype, Lq, L1, L2, D): paper video stream, long sources at D = 128, fp32 (tf32x3) paper shape
-    ("bf16", 40, 40, 100, 32), ("fp16", 150, 300, 300, 128), ("fp32", 40, 40, 100, 32),
-]
-
-
-def _aot_main(cases):
-    import subprocess
-    import tempfile
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from segfast.kernels import cross_attention as k
-
-    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    for dt, LQ, L1, L2, D in cases:
-        metas = k._launch_meta(LQ, L1, L2, D, dt == "fp32")
-        for fn, kind in ((k._fwd_kernel, "fwd"), (k._bwd_dq_kernel, "dq"), (k._bwd_dkdv_kernel, "dkdv1"),
-                         (k._bwd_dkdv_kernel, "dkdv2")):
-            meta = dict(metas[kind])
-            num_warps = meta.pop("num_warps")
-            prec = k._dot_prec(torch.float32 if dt == "fp32" else torch.float16)
-            const = dict(meta, D=D, UPCAST=dt == "fp32", PREC=prec)
-            if kind in ("fwd", "dq"):
-                const.update(HAS1=True, HAS2=True)
-            sig = {}
-            for n in fn.arg_names:
-                if n in const:
-                    sig[n] = "constexpr"
-                elif n in ("qk_scale", "sm_scale"):
-                    sig[n] = "fp32"
-                elif n.startswith("s_") or n in ("H", "LQ", "L1", "L2", "L", "N_MT", "N_NT"):
-                    sig[n] = "i32"
-                elif n in ("M1", "M2", "Mk"):
-                    sig[n] = "*u8"
-                elif n in ("LSE", "DELTA"):
-                    sig[n] = "*fp32"
-                else:
-                    sig[n] = "*" + dt
-            ck = triton.compile(ASTSource(fn, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
-                                options={"num_warps": num_warps, "num_stages": 2})
-            usage = ""
-            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-                f.write(ck.asm["cubin"])
-                f.flush()
-                try:
-                    out = subprocess.run([os.path.join(bin_dir, "cuobjdump"), "--dump-resource-usage", f.name],
-                                         capture_output=True, text=True).stdout
-                    usage = " ".join(w for ln in out.splitlines() if "REG:" in ln for w in ln.split()[:3])
-                except OSError:
-                    pass
-            print(f"sm_90 {kind:6s} {dt} Lq={LQ} L1={L1} L2={L2} D={D} {meta} warps={num_warps} "
-                  f"smem={ck.metadata.shared} {usage}")
-
-
-@pytest.mark.slow
-def test_compiles_for_sm90():
-    import subprocess
-    import sys
-
-    try:
-        import triton.backends.nvidia.compiler  # noqa: F401
-    except Exception as e:  # pragma: no cover
-        pytest.skip(f"no NVIDIA Triton backend: {e}")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, __file__, "--aot"], env=env, capture_output=True, text=True, timeout=300)
-    print(r.stdout)
-    assert r.returncode == 0, r.stderr[-4000:]
-    assert r.stdout.count("sm_90") == 4 * len(AOT_CASES)
-
-
-if __name__ == "__main__":
-    import sys
-
-    if "--aot" in sys.argv:
-        _aot_main(AOT_CASES)
