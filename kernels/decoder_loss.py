@@ -67,8 +67,8 @@ LOSS_KINDS = {"bpr-max": 1, "bpr-max-literal": 1, "pairwise": 2}
 # SPEC section 6 formula verbatim (see segfast.ops.reference.intra_video_loss).
 _WSIGN = {"bpr-max": -1.0, "bpr-max-literal": 1.0, "pairwise": 1.0}
 MAX_S = 128  # slots per row held in one tile (S = 40 normally; tested up to 64)
-# GPU tuning overrides merged into the launch config (keys: BLOCK_B, BK, BN, num_warps, BKW, BNW, BP,
-# dw_warps, n_splits); empty = the defaults of ``_config``. For benchmarking block sizes without editing.
+# GPU tuning overrides merged into the launch config (keys: BLOCK_B, BK, BN, BKD, BND, num_warps, BKW, BNW, BP,
+# dw_warps, n_splits; an unknown key raises); empty = the defaults of ``_config``. For benchmarking block sizes.
 TUNE: dict = {}
 
 
@@ -358,6 +358,10 @@ def _config(S: int, KH: int, NH: int, dtype: torch.dtype, device: torch.device, 
     cfg = dict(BLOCK_B=max(1, 128 // block_s), BLOCK_S=block_s, BK=bk, BN=bn, BKD=bk, BND=bn, num_warps=8,
                BKW=max(16, min(128, _next_pow2(KH))), BNW=max(16, min(128, _next_pow2(NH))),
                BP=64 if half else 32, dw_warps=8, n_sm=_num_sms(device))
+    unknown = sorted(set(TUNE) - set(cfg) - {"n_splits"})
+    if unknown:
+        raise ValueError(f"decoder_loss.TUNE: unknown key(s) {unknown}; known: {sorted(k for k in cfg if k != 'n_sm')}"
+                         " and n_splits")
     cfg.update(TUNE)
     return cfg
 

@@ -401,6 +401,21 @@ def test_deterministic_all_outputs():
             assert (ga is None and gb is None) or torch.equal(ga, gb)
 
 
+def test_empty_batch():
+    ins, t = make(B=0, target=torch.zeros(0, dtype=torch.long))
+    lk, Lk, gk = run_kernel(ins, t, "bpr-max")
+    assert lk.shape == (0, 40) and Lk.item() == 0.0
+    for name, a in zip(NAMES, gk):
+        assert a is not None and torch.count_nonzero(a) == 0, name
+
+
+def test_unknown_tune_key_is_an_error(monkeypatch):
+    monkeypatch.setattr(K, "TUNE", {"max_programs": 64})  # a v1 key
+    monkeypatch.setattr(K, "_num_sms", lambda device: 132)
+    with pytest.raises(ValueError, match="unknown key"):
+        K._config(40, 256, 256, torch.bfloat16, torch.device("cpu"), on_gpu=True)
+
+
 def test_bad_inputs_raise_clear_errors():
     ins, t = make(B=3)
     with pytest.raises(ValueError, match="target must be"):
