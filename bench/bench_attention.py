@@ -1,4 +1,4 @@
-"""Fused cross-attention: Triton kernel vs eager reference vs torch.compile(reference).
+"""Fused cross-attention: Triton kernel vs PyTorch SDPA vs eager reference vs torch.compile(reference).
 
 Paper-code shapes (SPEC section 5): B = 1024 pairs, H = 16 heads, D = 512 / 16 = 32;
   video stream: Lq = 40 slot queries over 40 video keys (source 1) + 100 user keys (source 2);
@@ -6,6 +6,8 @@ Paper-code shapes (SPEC section 5): B = 1024 pairs, H = 16 heads, D = 512 / 16 =
 Times the forward (no grad: scoring) and forward + backward (training), reports ms, achieved TFLOP/s and GB/s
 by the op's minimal FLOP / byte counts (csrc_notes/cross_attention.md), the fraction of the H100 SXM roofline
 (989 TFLOP/s dense bf16/fp16, 67 TFLOP/s fp32 without TF32, 3.35 TB/s HBM3) and peak extra memory.
+Order: triton, sdpa (``segfast.ops`` backend "sdpa", when that backend exists), eager, compile; each row is
+appended to the CSV and printed as soon as it is measured (bench/_csvlog.py), so a timeout keeps the rows so far.
 
     python bench/bench_attention.py --device cuda [--dtype bf16] [--batch 1024] [--heads 16] [--dim 32] [--csv out.csv]
     python bench/bench_attention.py --device cpu            # smoke test: interpreter, tiny shapes, slow
@@ -13,7 +15,6 @@ by the op's minimal FLOP / byte counts (csrc_notes/cross_attention.md), the frac
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 import time
@@ -31,12 +32,12 @@ def parse(argv=None):
     ap.add_argument("--dim", type=int, default=32, help="head dim (paper code: 512 / 16 = 32)")
     ap.add_argument("--video-slots", type=int, default=40)
     ap.add_argument("--user-tokens", type=int, default=100)
-    ap.add_argument("--impls", default=None, help="comma list of triton,eager,compile "
-                    "(default all on cuda, triton,eager on cpu)")
+    ap.add_argument("--impls", default=None, help="comma list of triton,sdpa,eager,compile "
+                    "(default all on cuda, triton,sdpa,eager on cpu)")
     ap.add_argument("--streams", default="video,user")
     ap.add_argument("--rep", type=int, default=None, help="timing budget in ms (cuda) / repetitions (cpu)")
-    ap.add_argument("--csv", default=None, help="write rows to this CSV")
-    ap.add_argument("--commit", default="unknown")
+    ap.add_argument("--csv", default=None, help="append rows to this CSV (one row at a time, as measured)")
+    ap.add_argument("--commit", default="unknown", help="commit recorded in every row (default: git HEAD)")
     return ap.parse_args(argv)
 
 
@@ -45,6 +46,9 @@ if ARGS is not None and ARGS.device == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
 import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _csvlog import CsvLog, error_status  # noqa: E402
 
 
 def op_counts(B, H, LQ, L1, L2, D, elem):
@@ -95,7 +99,7 @@ def timer(device, rep):
 
 
 def _sig(x, n=4):
-    return float(f"{x:.{n}g}")
+    return "" if x != x else float(f"{x:.{n}g}")  # NaN (no such number on this device) -> empty cell
 
 
 def peak_mb(fn, device):
@@ -109,8 +113,35 @@ def peak_mb(fn, device):
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+COLUMNS = ["impl", "stream", "mode", "dtype", "B", "H", "Lq", "L1", "L2", "D", "ms", "tflops", "gbps",
+           "h100_roofline_ms", "frac_roofline", "peak_mb", "max_err_fwd"]
+
+
+def implementations(impls):
+    """name -> callable with the signature of reference.cross_attention, in the order asked for."""
+    from segfast import ops
+    from segfast.ops import reference
+
+    fns = {}
+    for impl in impls:
+        if impl == "triton":
+            from segfast.kernels import cross_attention as ca
+            fns[impl] = ca.cross_attention
+        elif impl == "sdpa":  # PyTorch fused attention through segfast.ops, once that backend exists
+            if "sdpa" in getattr(ops, "BACKENDS", ()):
+                fns[impl] = lambda *a, **k: ops.cross_attention(*a, **k, backend="sdpa")
+            else:
+                fns[impl] = None
+        elif impl == "eager":
+            fns[impl] = reference.cross_attention
+        elif impl == "compile":
+            fns[impl] = torch.compile(reference.cross_attention, dynamic=False)
+        else:
+            raise SystemExit(f"bench_attention: unknown impl {impl!r}; expected triton, sdpa, eager or compile")
+    return fns
+
+
 def main(args):
-    from segfast.kernels import cross_attention as ca
     from segfast.ops import reference
 
     device = args.device
@@ -122,22 +153,24 @@ def main(args):
     H = args.heads or (16 if device == "cuda" else 2)
     D = args.dim
     rep = args.rep or (100 if device == "cuda" else 1)
-    impls = (args.impls or ("triton,eager,compile" if device == "cuda" else "triton,eager")).split(",")
-    card = torch.cuda.get_device_name(0) if device == "cuda" else "cpu-interpreter"
+    impls = (args.impls or ("triton,sdpa,eager,compile" if device == "cuda" else "triton,sdpa,eager")).split(",")
     peak_tf = H100_TFLOPS[args.dtype]
-    fns = {"triton": ca.cross_attention, "eager": reference.cross_attention}
-    if "compile" in impls:
-        fns["compile"] = torch.compile(reference.cross_attention, dynamic=False)
+    log = CsvLog(args.csv, COLUMNS, device=device, commit=args.commit)
+    print(f"(roofline: H100 SXM, {peak_tf} TFLOP/s, {H100_HBM_TBS} TB/s)", flush=True)
+    fns = implementations(impls)
     run = timer(device, rep)
-    rows = []
     for stream in args.streams.split(","):
         LQ = args.video_slots if stream == "video" else args.user_tokens
         L1, L2 = args.video_slots, args.user_tokens
         inputs = make_inputs(B, H, LQ, L1, L2, D, dtype, device)
         counts = op_counts(B, H, LQ, L1, L2, D, elem)
         ref_out = reference.cross_attention(*inputs)
+        shape = dict(stream=stream, dtype=args.dtype, B=B, H=H, Lq=LQ, L1=L1, L2=L2, D=D)
         for impl in impls:
             f = fns[impl]
+            if f is None:
+                log.row(impl=impl, **shape, status="skipped: segfast.ops has no 'sdpa' backend yet")
+                continue
             leaves = [x.detach().requires_grad_(True) if x.is_floating_point() else x for x in inputs]
             gout = torch.randn_like(ref_out)
 
@@ -154,34 +187,21 @@ def main(args):
 
             try:
                 err = (fwd().float() - ref_out.float()).abs().max().item()
-                for mode, fn in (("fwd", fwd), ("fwd+bwd", fwdbwd)):
+            except Exception as e:  # e.g. torch.compile without a toolchain: report, keep going
+                log.row(impl=impl, **shape, status=error_status(e))
+                continue
+            for mode, fn in (("fwd", fwd), ("fwd+bwd", fwdbwd)):
+                try:
                     ms = run(fn)
                     flops, nbytes = counts[mode]
                     roof_ms = max(flops / (peak_tf * 1e12), nbytes / (H100_HBM_TBS * 1e12)) * 1e3
-                    rows.append({
-                        "commit": args.commit, "card": card, "impl": impl, "stream": stream, "mode": mode,
-                        "dtype": args.dtype, "B": B, "H": H, "Lq": LQ, "L1": L1, "L2": L2, "D": D,
-                        "ms": _sig(ms), "tflops": _sig(flops / ms / 1e9),
-                        "gbps": _sig(nbytes / ms / 1e6), "h100_roofline_ms": _sig(roof_ms),
-                        "frac_roofline": _sig(roof_ms / ms), "peak_mb": _sig(peak_mb(fn, device)),
-                        "max_err_fwd": f"{err:.2e}",
-                    })
-            except Exception as e:  # e.g. torch.compile without a toolchain: report, keep going
-                rows.append({"commit": args.commit, "card": card, "impl": impl, "stream": stream,
-                             "mode": f"error: {type(e).__name__}: {str(e).splitlines()[0][:80]}"})
-    cols = ["impl", "stream", "mode", "dtype", "B", "H", "Lq", "D", "ms", "tflops", "gbps",
-            "h100_roofline_ms", "frac_roofline", "peak_mb", "max_err_fwd"]
-    print(f"card: {card}   (roofline: H100 SXM, {peak_tf} TFLOP/s, {H100_HBM_TBS} TB/s)")
-    print(" ".join(f"{c:>15}" for c in cols))
-    for r in rows:
-        print(" ".join(f"{str(r.get(c, '')):>15}" for c in cols))
-    if args.csv:
-        keys = list(dict.fromkeys(k for r in rows for k in r))
-        with open(args.csv, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=keys)
-            w.writeheader()
-            w.writerows(rows)
-        print(f"wrote {args.csv}")
+                    log.row(impl=impl, mode=mode, **shape, ms=_sig(ms), tflops=_sig(flops / ms / 1e9),
+                            gbps=_sig(nbytes / ms / 1e6), h100_roofline_ms=_sig(roof_ms),
+                            frac_roofline=_sig(roof_ms / ms), peak_mb=_sig(peak_mb(fn, device)),
+                            max_err_fwd=f"{err:.2e}")
+                except Exception as e:  # noqa: BLE001
+                    log.row(impl=impl, mode=mode, **shape, status=error_status(e))
+    return log.rows
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Times, per implementation (triton kernel, eager reference, torch.compile(reference)):
   * train: forward + backward of decode_and_loss (grads of x, y and every weight);
   * score: forward-only segment_decoder under no_grad (offline scoring).
-Reports ms, effective GB/s and TFLOP/s against the essential traffic / work (csrc_notes/decoder_loss.md),
+Rows are appended to the CSV and printed one at a time, as measured (bench/_csvlog.py). Reports ms, effective GB/s and TFLOP/s against the essential traffic / work (csrc_notes/decoder_loss.md),
 the fraction of the H100 roofline (3.35 TB/s HBM3, 989 TFLOP/s dense bf16), and peak memory.
 
 GPU, paper-code shapes:   python bench/bench_decoder.py --device cuda --dtype bf16 --csv bench/results/decoder.csv
@@ -12,24 +12,22 @@ CPU smoke (interpreter):  python bench/bench_decoder.py --device cpu --batch 2 -
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _csvlog import CsvLog, error_status  # noqa: E402
 
 HBM_BPS = 3.35e12      # H100 SXM HBM3
 PEAK_FLOPS = 989e12    # H100 SXM dense bf16 tensor core
 
 
-def _triton_version() -> str:
-    try:
-        import triton
-        return triton.__version__
-    except ImportError:
-        return "none"
+COLUMNS = ["impl", "mode", "dtype", "tune", "B", "S", "d", "Hf", "kind", "ms", "GBps", "TFLOPs", "frac_hbm",
+           "frac_flops", "roofline_ms", "frac_roofline", "peak_MiB"]
 
 
-def parse():
+def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--dtype", default="bf16", choices=["fp32", "fp16", "bf16"])
@@ -42,14 +40,14 @@ def parse():
                                                    "triton,eager on cpu)")
     ap.add_argument("--modes", default="train,score")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default 50 on cuda, 1 on cpu)")
-    ap.add_argument("--csv", default=None, help="append rows to this CSV file")
-    ap.add_argument("--commit", default="unknown", help="commit id recorded in every row")
+    ap.add_argument("--csv", default=None, help="append rows to this CSV (one row at a time, as measured)")
+    ap.add_argument("--commit", default="unknown", help="commit recorded in every row (default: git HEAD)")
     ap.add_argument("--tune", default="", help="kernel config overrides, e.g. BLOCK_B=8,BK=64,max_programs=64")
-    return ap.parse_args()
+    return ap.parse_args(argv)
 
 
-def main():
-    args = parse()
+def main(argv=None):
+    args = parse(argv)
     if args.device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
     import torch
@@ -145,33 +143,24 @@ def main():
             peak = float("nan")
         return ms, peak
 
-    rows = []
-    for name, (train, score) in fns.items():
+    log = CsvLog(args.csv, COLUMNS, device=dev.type, commit=args.commit)
+    sig = lambda v: "" if v != v else float(f"{v:.4g}")  # noqa: E731
+    for name, (train, score) in fns.items():  # triton, eager, compile (no SDPA: the decoder has no attention)
         for mode, step in (("train", train), ("score", score)):
             if mode not in modes:
                 continue
-            ms, peak = timeit(step)
+            shape = dict(impl=name, mode=mode, dtype=args.dtype, tune=args.tune, B=B, S=S, d=d, Hf=hf, kind=args.kind)
+            try:
+                ms, peak = timeit(step)
+            except Exception as e:  # noqa: BLE001 - e.g. torch.compile without a toolchain: report, go on
+                log.row(**shape, status=error_status(e))
+                continue
             flops, nbytes = work[mode]
             t_roof = max(flops / PEAK_FLOPS, nbytes / HBM_BPS) * 1e3
-            sig = lambda v: float(f"{v:.4g}")  # noqa: E731
-            rows.append(dict(
-                commit=args.commit, torch=torch.__version__, triton=_triton_version(),
-                impl=name, mode=mode, device=(torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"),
-                dtype=args.dtype, tune=args.tune, B=B, S=S, d=d, Hf=hf, kind=args.kind, ms=sig(ms),
-                GBps=sig(nbytes / ms / 1e6), TFLOPs=sig(flops / ms / 1e9),
-                frac_hbm=sig(nbytes / (ms * 1e-3) / HBM_BPS), frac_flops=sig(flops / (ms * 1e-3) / PEAK_FLOPS),
-                roofline_ms=sig(t_roof), frac_roofline=sig(t_roof / ms), peak_MiB=sig(peak),
-            ))
-            print(" ".join(f"{k}={v}" for k, v in rows[-1].items()), flush=True)
-
-    if args.csv:
-        new = not os.path.exists(args.csv)
-        os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
-        with open(args.csv, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-            if new:
-                w.writeheader()
-            w.writerows(rows)
+            log.row(**shape, ms=sig(ms), GBps=sig(nbytes / ms / 1e6), TFLOPs=sig(flops / ms / 1e9),
+                    frac_hbm=sig(nbytes / (ms * 1e-3) / HBM_BPS), frac_flops=sig(flops / (ms * 1e-3) / PEAK_FLOPS),
+                    roofline_ms=sig(t_roof), frac_roofline=sig(t_roof / ms), peak_MiB=sig(peak))
+    return log.rows
 
 
 if __name__ == "__main__":

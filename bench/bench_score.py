@@ -10,6 +10,10 @@ Target (brief): 1M ID-only pairs end to end in <= 4 minutes on 2 CPU cores.
 
     python bench/bench_score.py [--pairs 1000000] [--visual-pairs 200000] [--modalities id,visual,both]
                                 [--threads 1] [--batch-size 1024] [--profile id] [--json out.json]
+                                [--backends triton,sdpa,torch] [--csv rows.csv]
+
+With --csv, each run's row (card, versions, commit, time split) is appended and printed as soon as it is measured
+(bench/_csvlog.py). Backends run in the order given; "sdpa" is skipped (a row says so) while segfast.ops lacks it.
 """
 from __future__ import annotations
 
@@ -17,8 +21,10 @@ import argparse
 import cProfile
 import io
 import json
+import os
 import pstats
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,6 +39,13 @@ from segfast.data.prepared import load_prepared, prepare
 from segfast.data.synth import synth
 from segfast.model import SegInterestModel, model_preset
 from segfast.score import score
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _csvlog import CsvLog, error_status  # noqa: E402
+
+COLUMNS = ["preset", "modality", "impl", "backend", "device", "pairs", "wall_s", "pairs_per_s_end_to_end",
+           "s_per_1M_pairs", "setup_s", "scoring_wall_s", "data_s", "wait_s", "compute_s", "write_s",
+           "effective_batch_size", "out_mib"]
 
 
 def build(root: Path, users: int, videos: int, interactions: int, dim: int) -> Path:
@@ -64,7 +77,7 @@ def make_pairs(path: Path, prepared, n: int, seed: int = 0) -> None:
     pq.write_table(pa.table(cols), path, row_group_size=131_072)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", type=int, default=1_000_000, help="pairs for the ID-only model")
     ap.add_argument("--visual-pairs", type=int, default=200_000, help="pairs for the visual / both models")
@@ -81,10 +94,10 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--presets", default="small", help="comma list of small,paper-code")
-    ap.add_argument("--backends", default="torch", help="comma list of torch,triton")
-    ap.add_argument("--csv", default=None, help="also write one row per run to this CSV (gpu_check)")
-    ap.add_argument("--commit", default="unknown")
-    a = ap.parse_args()
+    ap.add_argument("--backends", default="torch", help="comma list of triton,sdpa,torch (run in this order)")
+    ap.add_argument("--csv", default=None, help="also append one row per run to this CSV, as measured (gpu_check)")
+    ap.add_argument("--commit", default="unknown", help="commit recorded in every row (default: git HEAD)")
+    a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     root = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="bench_score_"))
@@ -96,7 +109,9 @@ def main() -> None:
             build(root, a.users, a.videos, a.interactions, a.feature_dim)
         p = load_prepared(prep)
         print(p)
-        rows = []
+        from segfast import ops
+
+        log = CsvLog(a.csv, COLUMNS, device=a.device, commit=a.commit, echo=False)  # rows printed below
         for preset in a.presets.split(","):
             for modality in a.modalities.split(","):
                 n = a.pairs if modality == "id" else a.visual_pairs
@@ -107,14 +122,27 @@ def main() -> None:
                 if not rd.is_dir():
                     make_run(root, p, modality, preset)
                 for backend in a.backends.split(","):
+                    ids = dict(preset=preset, modality=modality, backend=backend, device=a.device, pairs=n,
+                               impl={"torch": "eager"}.get(backend, backend))
+                    if backend not in getattr(ops, "BACKENDS", ("torch", "triton")):
+                        log.row(**ids, status=f"skipped: segfast.ops has no {backend!r} backend")
+                        print(f"{preset} {modality:7s} {backend}: skipped (segfast.ops has no such backend)")
+                        continue
                     out = root / f"out-{preset}-{modality}-{backend}"
                     shutil.rmtree(out, ignore_errors=True)
                     prof = cProfile.Profile() if modality == a.profile else None
                     t0 = time.perf_counter()
                     if prof:
                         prof.enable()
-                    man = score(rd, prep, pairs, out, batch_size=a.batch_size, part_rows=a.part_rows,
-                                progress=False, device=a.device, backend=backend)
+                    try:
+                        man = score(rd, prep, pairs, out, batch_size=a.batch_size, part_rows=a.part_rows,
+                                    progress=False, device=a.device, backend=backend)
+                    except Exception as e:  # noqa: BLE001 - report it in the CSV, go on with the next run
+                        if prof:
+                            prof.disable()
+                        log.row(**ids, status=error_status(e))
+                        print(f"{preset} {modality:7s} {backend}: FAILED {error_status(e)}", flush=True)
+                        continue
                     if prof:
                         prof.disable()
                     wall = time.perf_counter() - t0
@@ -127,19 +155,12 @@ def main() -> None:
                          "effective_batch_size": man["effective_batch_size"],
                          "out_mib": round(sum(f.stat().st_size for f in out.glob("part-*")) / 2**20, 1)}
                     results["runs"][f"{preset}/{modality}/{backend}"] = r
-                    rows.append(dict(commit=a.commit, torch=torch.__version__, **r))
+                    log.row(impl=ids["impl"], **r)
                     print(f"{preset} {modality:7s} {backend}: {json.dumps(r)}", flush=True)
                     if prof:
                         s = io.StringIO()
                         pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(15)
                         print(s.getvalue())
-        if a.csv and rows:
-            import csv
-
-            with open(a.csv, "w", newline="") as fh:
-                w = csv.DictWriter(fh, fieldnames=list(rows[0].keys()))
-                w.writeheader()
-                w.writerows(rows)
         if a.json:
             Path(a.json).write_text(json.dumps(results, indent=2) + "\n")
     finally:

@@ -1,9 +1,12 @@
 """Full model: one training step (forward + backward + AdamW) and no-grad scoring, per preset and modality,
-for the eager reference (backend "torch"), torch.compile of the reference, and the Triton backend.
+for the Triton backend, the SDPA backend (PyTorch fused attention), the eager reference (backend "torch") and
+torch.compile of the reference, in that order (the paper-code triton rows come first, so that a time limit
+cuts the compile rows, not the kernel's). Each row is appended to the CSV and printed as soon as it is measured.
 
     python bench/bench_train_step.py --device cuda [--presets small,paper-code] [--modalities id,both]
-                                     [--impls eager,compile,triton] [--amp bf16] [--csv out.csv]
-    python bench/bench_train_step.py --device cpu     # smoke test: interpreter, tiny model, slow
+                                     [--impls triton,sdpa,eager,compile] [--amp bf16] [--csv out.csv]
+    python bench/bench_train_step.py --device cpu     # smoke test: interpreter, tiny model
+    python bench/bench_train_step.py --device cpu --model preset --impls sdpa,eager --batch 256   # CPU timing
 
 Batches are random but shaped like real ones (N ~ U[1, 40], visual histories of 1..100 tokens, float16
 features of dim 1024 as stored by `prepare`). Reports ms per step, pairs/s, peak GPU memory and the speed-up
@@ -12,8 +15,8 @@ against eager in the same run.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
+import sys
 import time
 
 
@@ -22,15 +25,22 @@ def parse(argv=None):
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--presets", default="small,paper-code")
     ap.add_argument("--modalities", default="id,both")
-    ap.add_argument("--impls", default="eager,compile,triton")
-    ap.add_argument("--batch", type=int, default=None, help="training pairs per step (default 1024; 4 on cpu)")
-    ap.add_argument("--score-batch", type=int, default=None, help="scoring pairs per call (default 4096; 8 on cpu)")
+    ap.add_argument("--impls", default=None, help="comma list of triton,sdpa,eager,compile, measured in this "
+                    "order (default: all on cuda, triton,sdpa,eager on cpu; sdpa is skipped while segfast.ops "
+                    "lacks it)")
+    ap.add_argument("--model", default=None, choices=["tiny", "preset"],
+                    help="preset = the presets' real sizes; tiny = d_model 32, 2 heads, 1 layer, 8 user tokens, "
+                         "features of dim 16 (default: preset on cuda, tiny on cpu)")
+    ap.add_argument("--batch", type=int, default=None, help="training pairs per step (default 1024; 4 with tiny)")
+    ap.add_argument("--score-batch", type=int, default=None,
+                    help="scoring pairs per call (default 4096; 8 with tiny)")
     ap.add_argument("--user-tokens", type=int, default=100)
     ap.add_argument("--feature-dim", type=int, default=1024)
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads on cpu")
     ap.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "none"], help="autocast dtype on cuda")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 10 on cuda, 1 on cpu)")
-    ap.add_argument("--csv", default=None)
-    ap.add_argument("--commit", default="unknown")
+    ap.add_argument("--csv", default=None, help="append rows to this CSV (one row at a time, as measured)")
+    ap.add_argument("--commit", default="unknown", help="commit recorded in every row (default: git HEAD)")
     return ap.parse_args(argv)
 
 
@@ -39,6 +49,11 @@ if ARGS is not None and ARGS.device == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _csvlog import CsvLog, error_status  # noqa: E402
+
+COLUMNS = ["preset", "modality", "impl", "mode", "amp", "model", "batch", "steps", "ms", "pairs_per_s", "peak_MiB"]
 
 
 def random_batch(B, M, F, n_users, n_videos, device, seed=0):
@@ -82,35 +97,49 @@ def _time(fn, steps, device):
 
 
 def main(args):
+    from segfast import ops
     from segfast.model.config import model_preset
     from segfast.model.model import SegInterestModel
 
     dev = args.device
     cpu = dev == "cpu"
-    B = args.batch or (4 if cpu else 1024)
-    SB = args.score_batch or (8 if cpu else 4096)
-    M = 8 if cpu else args.user_tokens
-    F = 16 if cpu else args.feature_dim
+    if not cpu and not torch.cuda.is_available():
+        sys.exit("bench_train_step: no CUDA device (use --device cpu)")
+    if cpu and args.threads:
+        torch.set_num_threads(args.threads)
+    tiny = (args.model or ("tiny" if cpu else "preset")) == "tiny"
+    B = args.batch or (4 if tiny else 1024)
+    SB = args.score_batch or (8 if tiny else 4096)
+    M = 8 if tiny else args.user_tokens
+    F = 16 if tiny else args.feature_dim
     steps = args.steps or (1 if cpu else 10)
     amp = None if (cpu or args.amp == "none") else {"bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
-    card = torch.cuda.get_device_name(0) if not cpu else "cpu-interpreter"
-    try:
-        import triton
-        tv = triton.__version__
-    except ImportError:
-        tv = "none"
+    impls = (args.impls or ("triton,sdpa,eager" if cpu else "triton,sdpa,eager,compile")).split(",")
+    for impl in impls:
+        if impl not in ("triton", "sdpa", "eager", "compile"):
+            sys.exit(f"bench_train_step: unknown impl {impl!r}; expected triton, sdpa, eager or compile")
+    log = CsvLog(args.csv, COLUMNS, device=dev, commit=args.commit)
     n_users, n_videos = 2400, 50000
-    rows = []
+    over = dict(d_model=32, n_heads=2, n_layers=1, d_ff=32) if tiny else {}
     for preset in args.presets.split(","):
         for modality in args.modalities.split(","):
-            over = dict(d_model=32, n_heads=2, n_layers=1, d_ff=32) if cpu else {}
-            base = {}
-            for impl in args.impls.split(","):
+            for impl in impls:
+                common = dict(preset=preset, modality=modality, impl=impl, amp=args.amp if not cpu else "none",
+                              model="tiny" if tiny else "preset", steps=steps)
+                if impl == "sdpa" and "sdpa" not in getattr(ops, "BACKENDS", ()):
+                    for mode in ("train", "score"):
+                        log.row(**common, mode=mode, status="skipped: segfast.ops has no 'sdpa' backend yet")
+                    continue
+                backend = {"triton": "triton", "sdpa": "sdpa"}.get(impl, "torch")
                 torch.manual_seed(0)
-                cfg = model_preset(preset, modality=modality, backend="triton" if impl == "triton" else "torch",
-                                   max_user_tokens=M, **over).for_data(n_users, n_videos,
-                                                                       F if modality != "id" else None)
-                model = SegInterestModel(cfg).to(dev)
+                try:
+                    cfg = model_preset(preset, modality=modality, max_user_tokens=M,
+                                       **over).for_data(n_users, n_videos, F if modality != "id" else None)
+                    model = SegInterestModel(cfg).to(dev)
+                    model.set_backend(backend)
+                except Exception as e:  # noqa: BLE001 - e.g. an unknown preset: report and go on
+                    log.row(**common, mode="build", status=error_status(e))
+                    continue
                 opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
                 batch = random_batch(B, M, F, n_users, n_videos, dev)
                 sbatch = random_batch(SB, M, F, n_users, n_videos, dev, seed=1)
@@ -136,31 +165,14 @@ def main(args):
                     try:
                         ms, peak = _time(fn, steps, dev)
                     except Exception as e:  # noqa: BLE001 - report and go on (e.g. a compile failure)
-                        print(f"{preset} {modality} {impl} {mode}: FAILED {type(e).__name__}: {str(e)[:300]}")
+                        log.row(**common, mode=mode, batch=pairs, status=error_status(e))
                         continue
-                    key = (mode,)
-                    if impl == "eager":
-                        base[key] = (ms, peak)
-                    e_ms, e_peak = base.get(key, (float("nan"), float("nan")))
-                    row = dict(commit=args.commit, card=card, torch=torch.__version__, triton=tv, preset=preset,
-                               modality=modality, impl=impl, mode=mode, amp=args.amp if not cpu else "none",
-                               batch=pairs, ms=round(ms, 3), pairs_per_s=round(pairs / ms * 1e3, 1),
-                               peak_MiB=round(peak, 1), speedup_vs_eager=round(e_ms / ms, 3),
-                               mem_vs_eager=round(peak / e_peak, 3) if e_peak == e_peak and e_peak else None)
-                    rows.append(row)
-                    print(" ".join(f"{k}={v}" for k, v in row.items() if k not in ("commit", "torch", "triton")),
-                          flush=True)
+                    log.row(**common, mode=mode, batch=pairs, ms=round(ms, 3),
+                            pairs_per_s=round(pairs / ms * 1e3, 1), peak_MiB="" if peak != peak else round(peak, 1))
                 del model, opt
                 if not cpu:
                     torch.cuda.empty_cache()
-    if args.csv and rows:
-        os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
-        with open(args.csv, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0].keys()))
-            w.writeheader()
-            w.writerows(rows)
-        print(f"wrote {args.csv}")
-    return rows
+    return log.rows
 
 
 if __name__ == "__main__":
