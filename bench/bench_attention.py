@@ -159,14 +159,16 @@ def main(args):
     print(f"(roofline: H100 SXM, {peak_tf} TFLOP/s, {H100_HBM_TBS} TB/s)", flush=True)
     fns = implementations(impls)
     run = timer(device, rep)
+    cases = {}
     for stream in args.streams.split(","):
         LQ = args.video_slots if stream == "video" else args.user_tokens
         L1, L2 = args.video_slots, args.user_tokens
         inputs = make_inputs(B, H, LQ, L1, L2, D, dtype, device)
-        counts = op_counts(B, H, LQ, L1, L2, D, elem)
-        ref_out = reference.cross_attention(*inputs)
-        shape = dict(stream=stream, dtype=args.dtype, B=B, H=H, Lq=LQ, L1=L1, L2=L2, D=D)
-        for impl in impls:
+        cases[stream] = (inputs, op_counts(B, H, LQ, L1, L2, D, elem), reference.cross_attention(*inputs),
+                         dict(stream=stream, dtype=args.dtype, B=B, H=H, Lq=LQ, L1=L1, L2=L2, D=D))
+    # implementation-major: every triton row first, torch.compile's (slow cold compiles) last
+    for impl in impls:
+        for stream, (inputs, counts, ref_out, shape) in cases.items():
             f = fns[impl]
             if f is None:
                 log.row(impl=impl, **shape, status="skipped: segfast.ops has no 'sdpa' backend yet")

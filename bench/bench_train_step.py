@@ -121,57 +121,61 @@ def main(args):
     log = CsvLog(args.csv, COLUMNS, device=dev, commit=args.commit)
     n_users, n_videos = 2400, 50000
     over = dict(d_model=32, n_heads=2, n_layers=1, d_ff=32) if tiny else {}
-    for preset in args.presets.split(","):
-        for modality in args.modalities.split(","):
-            for impl in impls:
-                common = dict(preset=preset, modality=modality, impl=impl, amp=args.amp if not cpu else "none",
-                              model="tiny" if tiny else "preset", steps=steps)
-                if impl == "sdpa" and "sdpa" not in getattr(ops, "BACKENDS", ()):
-                    for mode in ("train", "score"):
-                        log.row(**common, mode=mode, status="skipped: segfast.ops has no 'sdpa' backend yet")
-                    continue
-                backend = {"triton": "triton", "sdpa": "sdpa"}.get(impl, "torch")
-                torch.manual_seed(0)
-                try:
-                    cfg = model_preset(preset, modality=modality, max_user_tokens=M,
-                                       **over).for_data(n_users, n_videos, F if modality != "id" else None)
-                    model = SegInterestModel(cfg).to(dev)
-                    model.set_backend(backend)
-                except Exception as e:  # noqa: BLE001 - e.g. an unknown preset: report and go on
-                    log.row(**common, mode="build", status=error_status(e))
-                    continue
-                opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
-                batch = random_batch(B, M, F, n_users, n_videos, dev)
-                sbatch = random_batch(SB, M, F, n_users, n_videos, dev, seed=1)
-                loss_fn = (lambda b: model.loss(b)[1])
-                score_fn = model.forward
-                if impl == "compile":
-                    loss_fn = torch.compile(loss_fn)
-                    score_fn = torch.compile(model.forward)
+    # implementation-major: every triton row, then every sdpa row, ..., torch.compile's (slow cold compiles) last
+    cases = [(impl, preset, modality) for impl in impls for preset in args.presets.split(",")
+             for modality in args.modalities.split(",")]
+    batches = None
+    for impl, preset, modality in cases:
+        common = dict(preset=preset, modality=modality, impl=impl, amp=args.amp if not cpu else "none",
+                      model="tiny" if tiny else "preset", steps=steps)
+        if impl == "sdpa" and "sdpa" not in getattr(ops, "BACKENDS", ()):
+            for mode in ("train", "score"):
+                log.row(**common, mode=mode, status="skipped: segfast.ops has no 'sdpa' backend yet")
+            continue
+        backend = {"triton": "triton", "sdpa": "sdpa"}.get(impl, "torch")
+        torch.manual_seed(0)
+        try:
+            cfg = model_preset(preset, modality=modality, max_user_tokens=M,
+                               **over).for_data(n_users, n_videos, F if modality != "id" else None)
+            model = SegInterestModel(cfg).to(dev)
+            model.set_backend(backend)
+        except Exception as e:  # noqa: BLE001 - e.g. an unknown preset: report and go on
+            log.row(**common, mode="build", status=error_status(e))
+            continue
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+        if batches is None:  # made once (at B 4096 the features alone take seconds to draw on the CPU)
+            batches = (random_batch(B, M, F, n_users, n_videos, dev), random_batch(SB, M, F, n_users, n_videos, dev,
+                                                                                   seed=1))
+        batch, sbatch = batches
+        loss_fn = (lambda b: model.loss(b)[1])
+        score_fn = model.forward
+        if impl == "compile":
+            loss_fn = torch.compile(loss_fn)
+            score_fn = torch.compile(model.forward)
 
-                def train_step():
-                    opt.zero_grad(set_to_none=True)
-                    with torch.autocast("cuda", dtype=amp, enabled=amp is not None):
-                        loss = loss_fn(batch)
-                    loss.backward()
-                    opt.step()
+        def train_step():
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=amp, enabled=amp is not None):
+                loss = loss_fn(batch)
+            loss.backward()
+            opt.step()
 
-                def score_step():
-                    with torch.no_grad(), torch.autocast("cuda", dtype=amp, enabled=amp is not None):
-                        score_fn(sbatch)
+        def score_step():
+            with torch.no_grad(), torch.autocast("cuda", dtype=amp, enabled=amp is not None):
+                score_fn(sbatch)
 
-                for mode, fn, pairs in (("train", train_step, B), ("score", score_step, SB)):
-                    model.train(mode == "train")
-                    try:
-                        ms, peak = _time(fn, steps, dev)
-                    except Exception as e:  # noqa: BLE001 - report and go on (e.g. a compile failure)
-                        log.row(**common, mode=mode, batch=pairs, status=error_status(e))
-                        continue
-                    log.row(**common, mode=mode, batch=pairs, ms=round(ms, 3),
-                            pairs_per_s=round(pairs / ms * 1e3, 1), peak_MiB="" if peak != peak else round(peak, 1))
-                del model, opt
-                if not cpu:
-                    torch.cuda.empty_cache()
+        for mode, fn, pairs in (("train", train_step, B), ("score", score_step, SB)):
+            model.train(mode == "train")
+            try:
+                ms, peak = _time(fn, steps, dev)
+            except Exception as e:  # noqa: BLE001 - report and go on (e.g. a compile failure)
+                log.row(**common, mode=mode, batch=pairs, status=error_status(e))
+                continue
+            log.row(**common, mode=mode, batch=pairs, ms=round(ms, 3),
+                    pairs_per_s=round(pairs / ms * 1e3, 1), peak_MiB="" if peak != peak else round(peak, 1))
+        del model, opt
+        if not cpu:
+            torch.cuda.empty_cache()
     return log.rows
 
 

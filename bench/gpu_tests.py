@@ -7,13 +7,16 @@ share the GPU; the Triton disk cache is shared, so a specialisation two shards n
 Each outcome is appended to --csv the moment the test ends (bench/_csvlog.py), so a shard killed by the time
 limit leaves the outcomes so far, and a line per shard says how far it got.
 
-    python bench/gpu_tests.py --shards 4 --timeout 150 --csv out/tests.csv -- tests/test_kernel_x.py -m gpu
-    python bench/gpu_tests.py --shard-index 1 --shards 4 ...     # (internal) one shard
+    python bench/gpu_tests.py --shards 8 --timeout 130 --csv out/tests.csv -- tests/test_kernel_x.py -m "not slow"
+    python bench/gpu_tests.py --shard-index 1 --shards 8 ...     # (internal) one shard
+
+Tests marked ``gpu`` run first in every shard. Build counts of a selection: bench/count_builds.py.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -27,7 +30,7 @@ COLUMNS = ["shard", "test", "outcome", "seconds", "message"]
 
 
 class ShardPlugin:
-    """Keeps every N-th test (index i) and logs each outcome to the CSV as soon as it is known."""
+    """Keeps every N-th test (index i; gpu-marked tests first) and logs each outcome to the CSV as it is known."""
 
     def __init__(self, index: int, shards: int, csv_path, commit, device):
         sys.path.insert(0, str(HERE))
@@ -38,6 +41,8 @@ class ShardPlugin:
 
     @pytest.hookimpl(trylast=True)  # after -k / -m deselection: shard the selected tests, not all collected
     def pytest_collection_modifyitems(self, config, items):
+        # tests marked gpu first (spread over the shards), so that a time limit cuts the interpreter-sized ones
+        items[:] = sorted(items, key=lambda it: 0 if "gpu" in it.keywords else 1)
         keep = [it for i, it in enumerate(items) if i % self.shards == self.index]
         drop = [it for i, it in enumerate(items) if i % self.shards != self.index]
         if drop:
@@ -65,7 +70,7 @@ def _shard_main(a, rest) -> int:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shards", type=int, default=4)
+    ap.add_argument("--shards", type=int, default=8)
     ap.add_argument("--shard-index", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--timeout", type=float, default=150, help="seconds for all shards together")
     ap.add_argument("--csv", default=None)
@@ -88,6 +93,14 @@ def main(argv=None) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     procs = []
+
+    def _stop(signum, frame):  # gpu_check's time limit (SIGTERM) must not leave shards running on the GPU
+        for p, _ in procs:
+            if p.poll() is None:
+                p.kill()
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _stop)
     for i in range(a.shards):
         cmd = [sys.executable, str(Path(__file__).resolve()), "--shard-index", str(i), "--shards", str(a.shards),
                "--device", a.device, "--commit", a.commit] + (["--csv", a.csv] if a.csv else []) + ["--", *rest]
