@@ -41,8 +41,9 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import torch
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["CARDS", "Card", "TensorArg", "Launch", "capture", "specialise", "variant_key", "compile_variant",
-           "cubin_usage", "occupancy", "cuobjdump_path", "aot_available"]
+__all__ = ["CARDS", "Card", "TensorArg", "Launch", "Recorder", "capture", "no_autocast", "meta_module",
+           "specialise", "replay_through_jit", "variant_key", "compile_variant", "cubin_usage", "occupancy",
+           "cuobjdump_path", "aot_available"]
 
 # Every CUDA allocation is at least 256-byte aligned (the caching allocator rounds to 512 B).
 BASE_PTR = 1 << 20
@@ -220,6 +221,22 @@ def _fake_props(card: Card):
 
 
 _capture_lock = threading.Lock()
+_active_mode: List["_FakeCuda"] = []
+
+
+@contextlib.contextmanager
+def no_autocast():
+    """Inside ``capture(autocast=...)``: leave the (emulated) autocast region, as a training loop does for
+    ``loss.backward()``."""
+    mode = _active_mode[-1] if _active_mode else None
+    saved = mode.autocast if mode is not None else None
+    if mode is not None:
+        mode.autocast = None
+    try:
+        yield
+    finally:
+        if mode is not None:
+            mode.autocast = saved
 
 
 @contextlib.contextmanager
@@ -267,8 +284,13 @@ def capture(card: Card, modules: Iterable[str] = ("segfast.kernels",), autocast:
         try:
             for obj, name, new in patches:
                 setattr(obj, name, new)
-            with _FakeCuda(autocast):
-                yield rec
+            mode = _FakeCuda(autocast)
+            _active_mode.append(mode)
+            try:
+                with mode:
+                    yield rec
+            finally:
+                _active_mode.pop()
         finally:
             for obj, name, old in saved:
                 setattr(obj, name, old)
