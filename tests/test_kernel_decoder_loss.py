@@ -373,13 +373,17 @@ def test_training_launches_and_dfusion_splits(record):
 def test_fp16_gpu_path_without_upcast_at_paper_shapes(record, monkeypatch):
     """The fp16 GPU path (native fp16 tl.dot operands, fp32 accumulation) in the interpreter, whose fp16 dots
     are exact-product / fp32-accumulate like the tensor cores: paper-code shapes (S=40, d=512, Hf=2), every
-    output, training and chain paths."""
+    output, training, chain and scoring paths."""
     monkeypatch.setattr(K, "INTERPRET_NATIVE_FP16", True)
     ins, t = make(B=3, S=40, dx=512, dy=512, hf=2, dtype=torch.float16, seed=11, target=torch.tensor([3, 40, 39]),
                    fscale=1 / 256)
     compare(ins, t, "bpr-max")
     gl = torch.randn(3, 40, generator=torch.Generator().manual_seed(12)).to(DEV)
     compare(ins, t, "pairwise", grad_logits=gl, loss_weight=0.3)
+    with torch.no_grad():
+        lk = K.segment_decoder(*ins)
+    _check("scoring logits", lk, R.segment_decoder(*[None if v is None else v.float() for v in ins]),
+           TOL[torch.float16][0])
     calls = record["_decoder_kernel"].calls + record["_dfusion_kernel"].calls
     assert calls and all(kw["UPCAST"] is False for _, _, kw in calls)
     assert all(a.dtype == torch.float16 for _, args, _ in record["_decoder_kernel"].calls for a in (args[0], args[5]))
