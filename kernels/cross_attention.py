@@ -14,17 +14,25 @@ Design (see csrc_notes/cross_attention.md):
   concatenated logits / values never exist in memory. Saves lse2 = log2-sum-exp2 of the scaled logits per
   query ([B*H, Lq] fp32) for the backward. At the paper shapes (Lq = 40 or 100, 40 + 100 keys) a program
   holds all its queries in one tile, so each (b, h) reads Q, K, V exactly once.
-- backward: two kernels, no atomics (bitwise deterministic):
+- backward, no atomics (bitwise deterministic), two paths chosen by ``_launch_meta``:
+  fused (default when each source's keys fit one tile, <= 128, and the register model fits): ONE program per
+     (b, h); per source it loads K_s, V_s once, keeps dk_s / dv_s in registers and loops over query tiles:
+     sT = K q^T, pT = exp2(sT - lse2), dv += pT dO, dpT = V dO^T, dsT = pT (dpT - delta), dk += dsT q,
+     dq_s = dsT^T K stored at once (q_s meets only source s's keys). delta = rowsum(dO * O) per tile.
+  split (fallback: long sources, D >= 64, fp32, or sm_80):
   1. dq: per query tile; delta = rowsum(dO * O) (stored for 2.), then loops over the key blocks of each
      source: p = exp2(s - lse2), dp = dO V^T, ds = p (dp - delta), dq_s += ds K_s.
   2. dk/dv: per key tile of one source (launched once per source); loops over all query tiles:
      dv += p^T dO, dk += ds^T q_s. Each dk/dv element is written by exactly one program.
+- padded keys are never loaded: key loops stop after the last real key of the row (mask scan) and K / V loads
+  are masked with the key mask.
 - masked keys: logit replaced by -1e30 for the running max and p forced to 0, so a fully masked row ends
   with l = 0, output 0, lse2 = 0, and p = 0 everywhere in the backward (zero gradients), NaN-free.
 - dots: on the GPU half-precision operands go to the tensor cores with fp32 accumulation (p / ds are cast to
   the input dtype for the second dot, as flash attention does); fp32 inputs use ``FP32_DOT_PRECISION``
   ("tf32x3" by default: near-fp32 accuracy on the tensor cores). In the interpreter every operand is upcast to
-  fp32 (its bf16 dot is wrong).
+  fp32 (its bf16 dot is wrong) unless a test sets ``_INTERPRETER_UPCAST = False`` (the GPU path, for fp16).
+- tiles / warps: a register model calibrated on sm_90 / sm_80 cubins (``_launch_meta``); csrc_notes.
 - inputs may be strided views (e.g. [B, L, H, D] transposed to [B, H, L, D]): batch / head / row strides are
   passed, only a non-unit last-dim stride forces a copy. Outputs and gradients keep the inputs' stride order.
 """
@@ -392,7 +400,8 @@ def _bwd_fused_kernel(
 # fp32 operands (tf32x3 splits each into big + small parts). A config is taken when the estimate is <= the
 # budget: 128 registers keeps 16 warps resident per SM (65536 registers) and leaves ptxas headroom below 255.
 # Before sm_90 (no wgmma: dot operands live in registers, tf32x3 keeps both fp32 halves there too) the operand
-# weights double and the budget is 112 (calibrated on sm_80 cubins, where the sm_90 choices spilled).
+# weights double, programs have 4 warps and the budget is 160 (calibrated on sm_80 cubins, where the sm_90
+# choices spilled); fp32 loop tiles stay >= 32 there (tf32x3 dots with a 16-wide K dim spilled).
 _REG_BUDGET = 128
 
 
@@ -402,7 +411,12 @@ def _op_weight(fp32: bool, arch: int = 90) -> float:
 
 
 def _budget(arch: int) -> int:
-    return _REG_BUDGET if arch >= 90 else 112
+    return _REG_BUDGET if arch >= 90 else 160
+
+
+def _warps(arch: int) -> tuple:
+    # sm_80: ptxas often caps 8-warp programs at 128 registers and spills a few bytes; 4 warps never did
+    return (4, 8) if arch >= 90 else (4,)
 
 
 def _arch(t: torch.Tensor) -> int:
@@ -431,14 +445,16 @@ def _est_fused(BM, BN, BD, op):
     return 2 * BN * BD + BM * BD + 8 * BM * BN + 2 * BN * BD * op + 3 * BM * BD * op
 
 
-def _fit(est, outer, inner, BD, op, budget=_REG_BUDGET):
+def _fit(est, outer, inner, BD, op, budget=_REG_BUDGET, min_inner=16, warps=(4, 8)):
     """(outer, inner, warps) for a kernel whose grid tile is `outer` and loop tile `inner`: 4 warps if the
-    estimate fits the budget, else 8; if neither, halve the loop tile, then the grid tile (down to 16)."""
+    estimate fits the budget, else 8; if neither, halve the loop tile (down to min_inner), then the grid
+    tile (down to 16)."""
+    inner = max(inner, min_inner)
     while True:
-        for w in (4, 8):
+        for w in warps:
             if est(outer, inner, BD, op) <= budget * 32 * w:
                 return outer, inner, w
-        if inner > 16:
+        if inner > min_inner:
             inner //= 2
         elif outer > 16:
             outer //= 2
@@ -461,12 +477,14 @@ def _launch_meta(LQ: int, L1: int, L2: int, D: int, fp32: bool = False, arch: in
     cfg = {}
     # forward / dq: all queries of a (b, h) in one tile when Lq <= 128 (64 for D > 64): Q, K, V read once
     for kind, est in (("fwd", _est_fwd), ("dq", _est_dq)):
-        BM, BN, w = _fit(est, pow2_block(LQ, 16, cap_m), 32 if big_d else 64, BD, op, budget)
+        BM, BN, w = _fit(est, pow2_block(LQ, 16, cap_m), 32 if big_d else 64, BD, op, budget, 16,
+                         _warps(arch))
         cfg[kind] = {"BLOCK_M": fm or BM, "BLOCK_N": fn or BN, "BLOCK_D": BD, "num_warps": w}
     # dk/dv (fallback): all keys of a source in one tile when L <= 128 (64 for D > 64), loop over query tiles
     for kind, L in (("dkdv1", L1), ("dkdv2", L2)):
         BN, BM, w = _fit(lambda n, m, d, o: _est_dkdv(m, n, d, o), pow2_block(L, 16, cap_m),
-                         pow2_block(LQ, 16, 64), BD, op, budget)
+                         pow2_block(LQ, 16, 64), BD, op, budget, 32 if fp32 and arch < 90 else 16,
+                         _warps(arch))
         cfg[kind] = {"BLOCK_M": fm or BM, "BLOCK_N": fn or BN, "BLOCK_D": BD, "num_warps": w}
     cfg["fused"] = _fused_meta(LQ, L1, L2, BD, op, fm, budget=budget, arch=arch)
     if cfg["fused"] is None and _BACKWARD == "fused":
@@ -485,6 +503,8 @@ def _fused_meta(LQ, L1, L2, BD, op, force_m=None, forced=False, budget=_REG_BUDG
     if forced:
         m = force_m or 16
         return {"BLOCK_M1": m, "BLOCK_N1": BN[0], "BLOCK_M2": m, "BLOCK_N2": BN[1], "BLOCK_D": BD, "num_warps": 8}
+    if arch < 90:  # sm_80: the fused tiles land at 176-255 registers at 8 warps; the split kernels fit 4 warps
+        return None
     top = pow2_block(LQ, 16, 128)
     for w in (4, 8):
         BMs = []
