@@ -197,9 +197,9 @@ def run_demo(out="segfast_demo", seed: int = 0, quick: bool = False, ablations: 
     plots.case_study(runs["ours"], data, out / "case_study.png")
     summary = {"results": results, "spearman_vs_truth": corr, "segrec": _segrec_summary(segrec), "seconds": round(time.time() - t0, 1),
                "runs": {k: str(v) for k, v in runs.items()}}
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, default=str))
-    tmp.replace(out / "results.json")
+    from segfast import _io
+
+    _io.write_json(out / "results.json", summary, indent=2, default=str)
     print(f"done in {summary['seconds']} s: {out / 'results.json'}, {out / 'training_curve.png'}, "
           f"{out / 'interest_vs_truth.png'}, {out / 'case_study.png'}")
     return summary

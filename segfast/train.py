@@ -248,10 +248,9 @@ def _rewrite_jsonl(path: Path, max_step: int) -> None:
                 break  # a torn last line from a crash
             if rec.get("step", 0) <= max_step:
                 keep.append(line)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write("".join(x + "\n" for x in keep))
-    os.replace(tmp, path)
+    from segfast import _io
+
+    _io.write_text(path, "".join(x + "\n" for x in keep))
 
 
 def _append_jsonl(path: Path, rec: dict) -> None:

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from segfast import MAX_SLOTS, SEGMENT_MS
+from segfast import MAX_SLOTS, SEGMENT_MS, _io
 from segfast.data.sources import MAX_DURATION_MS
 from segfast.data.sources.kuairand import KUAIRAND_COLUMNS
 from segfast.data.sources.segmm import FEAT_FILE, INTER_COLUMNS, INTER_FILE, MAP_FILE
@@ -435,13 +435,7 @@ def synth(format: str, out, users: int = DEFAULT_USERS, videos: int = DEFAULT_VI
         bars = []
         summary["files"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
         (tmp / "synth.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "out"}, indent=1))
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
+        _io.install_dir(tmp, out, overwrite=True)  # an existing out is swapped out, then deleted
     except BaseException:
         for b in bars:
             b.close()
