@@ -19,7 +19,7 @@ jobs share the cores. Every measured step is appended to the CSV (flushed) as so
 
 Batches are random but shaped like real ones: N ~ U[1, 40] real slots, visual histories of 1..user_tokens
 tokens, float16 features. Sizes default to what finishes in a few minutes on 2 busy cores: ``small`` at 64
-pairs per training step and 128 per scoring call, ``paper-code`` at 4 / 8 pairs (short steps, many rounds).
+pairs per training step and 128 per scoring call, ``paper-code`` at 16 / 32 pairs (short steps, many rounds).
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ import torch
 
 SIZES = {  # (train batch, score batch)
     "small": (64, 128),
-    "paper-code": (4, 8),
+    "paper-code": (16, 32),
 }
 VARIANTS = ("torch/index", "torch/unbind", "sdpa/index", "sdpa/unbind")
 
