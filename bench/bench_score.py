@@ -38,7 +38,7 @@ from segfast.checkpoint import data_fingerprint, save_model, write_run_config
 from segfast.data.prepared import load_prepared, prepare
 from segfast.data.synth import synth
 from segfast.model import SegInterestModel, model_preset
-from segfast.score import score
+from segfast.scoring import score
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _csvlog import CsvLog, error_status  # noqa: E402

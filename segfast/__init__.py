@@ -13,8 +13,10 @@ The public API (imported lazily, so that ``import segfast`` stays light; see doc
 ``load_run(run_dir, which="best", device="cpu")``
     A trained run directory -> (model in eval mode, meta).
 
-The offline batch scorer is ``segfast.score.score`` (a submodule: Parquet pairs -> Parquet parts of
-per-segment logits, docs/scoring.md).
+``Scorer.from_run(run_dir, data_dir, device="cpu")``
+    The offline batch scorer (``segfast.scoring``, docs/scoring.md): ``.score(table)`` scores an Arrow table
+    or a pandas / polars DataFrame in memory and returns an Arrow table; ``.score_dataset(pairs, out)`` scores
+    a Parquet file, directory or hive dataset into resumable Parquet parts (what ``segfast score`` runs).
 
 Constants: ``MAX_SLOTS`` (40 segment slots per video), ``SEGMENT_MS`` (5,000 ms per segment).
 """
@@ -26,13 +28,15 @@ __version__ = "0.1.0"
 MAX_SLOTS = 40
 SEGMENT_MS = 5000
 
-__all__ = ["__version__", "MAX_SLOTS", "SEGMENT_MS", "SegInterestModel", "ModelConfig", "load_run"]
+__all__ = ["__version__", "MAX_SLOTS", "SEGMENT_MS", "SegInterestModel", "ModelConfig", "Scorer", "load_run"]
 
-_LAZY = {"SegInterestModel": "segfast.model.model", "ModelConfig": "segfast.model.config"}
+_LAZY = {"SegInterestModel": "segfast.model.model", "ModelConfig": "segfast.model.config",
+         "Scorer": "segfast.scoring.api"}
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time these are imported on first use
     from segfast.model.config import ModelConfig
     from segfast.model.model import SegInterestModel
+    from segfast.scoring.api import Scorer
 
 
 def load_run(run_dir, which: str = "best", device="cpu"):

@@ -9,7 +9,7 @@ Both come straight from the Task-1 logits p of the N real segments of a (user, v
 
 Durations: a video's duration is the largest ``duration_ms`` over its rows in the prepared dataset (the same
 row that gives ``videos.n_segments``, the largest N). The file-level functions score the pairs with
-``segfast.score.score`` (pairs Parquet: int64 user_id, video_id[, time_ms]; the same scoring options:
+``segfast.scoring.score`` (pairs Parquet: int64 user_id, video_id[, time_ms]; the same scoring options:
 backend, batch size, the unknown-id policy ``on_unknown`` "error" / "skip") into a temporary directory next
 to ``out_path`` and write one Parquet file atomically (``segfast._io``), one row per scored pair in input
 order; an existing output is refused unless ``overwrite``.
@@ -90,13 +90,13 @@ def _video_durations(prepared) -> dict:
 
 
 def _scored(run_dir, data_dir, pairs_path, out_path, scoring: dict):
-    """(pairs, manifest): (user_id, video_id, scores) per scored pair in input order, via segfast.score.score
+    """(pairs, manifest): (user_id, video_id, scores) per scored pair in input order, via segfast.scoring.score
     into a temporary directory beside ``out_path`` (removed afterwards). ``scoring``: score()'s options
     (device, backend, batch_size, on_unknown, which, progress, ...); with on_unknown="skip" the unknown pairs
     are left out (counted in the manifest's "rejected")."""
     import pyarrow.parquet as pq
 
-    from segfast.score import score
+    from segfast.scoring import score
 
     out_path = Path(out_path)
     tmp = _io.temp_dir(out_path.parent, prefix=f".{out_path.name}.scores-")
@@ -162,7 +162,7 @@ def thumbnails(run_dir, data_dir, pairs_path, out_path, device="cpu", progress: 
     """Write ``out_path`` (Parquet): user_id, video_id, n_segments, duration_ms, thumbnail_slot, start_ms,
     end_ms, interest (sigmoid of the chosen segment's logit), one row per scored pair in input order.
 
-    ``scoring``: segfast.score.score's options (backend, batch_size, on_unknown="error"/"skip", which, ...);
+    ``scoring``: segfast.scoring.score's options (backend, batch_size, on_unknown="error"/"skip", which, ...);
     an existing ``out_path`` is an error unless ``overwrite``. Returns {"pairs", "rejected",
     "rejected_summary", "out", "backend", "device", "batch_size"}."""
     import pyarrow as pa

@@ -88,15 +88,16 @@ def _add_run_dir(p, what: str = "run directory (the --out of segfast train)", ol
     p.add_argument("--run-dir", *old, dest="run_dir", required=True, metavar="DIR", help=what)
 
 
-def add_score_arguments(p, out_help: str = "output directory (Parquet parts + manifest.json)",
+def add_score_arguments(p, out_help: str = "output directory (Parquet parts + _manifest.json)",
                         part_rows: bool = True) -> None:
     """The scoring flags of ``segfast score`` (and of thumbnails / edit, which score through it)."""
-    from segfast.score import DEFAULT_PART_ROWS, ON_UNKNOWN
+    from segfast.scoring.common import DEFAULT_PART_ROWS, ON_UNKNOWN
 
     # --run-dir: under torchrun a bare --run is an ambiguous abbreviation of torchrun's own --run-path
     _add_run_dir(p)
     p.add_argument("--data", required=True, help="prepared dataset the run was trained on")
-    p.add_argument("--pairs", required=True, help="Parquet file with int64 user_id, video_id [, time_ms]")
+    p.add_argument("--pairs", required=True, help="Parquet file, directory of Parquet files or hive-partitioned "
+                                                  "dataset with int64 user_id, video_id [, time_ms]")
     p.add_argument("--out", required=True, help=out_help)
     p.add_argument("--which", choices=["best", "last", "final"], default="best",
                    help="checkpoint of the run: best dev, last saved, or the exported model.safetensors")
@@ -105,6 +106,8 @@ def add_score_arguments(p, out_help: str = "output directory (Parquet parts + ma
     if part_rows:
         p.add_argument("--part-rows", type=int, default=DEFAULT_PART_ROWS,
                        help="input rows per output part (the unit of resumption and sharding)")
+        p.add_argument("--keep-columns", default=None, metavar="A,B",
+                       help="extra input columns to carry through to the output parts")
     p.add_argument("--on-unknown", choices=list(ON_UNKNOWN), default="error",
                    help="pairs with a user or video the dataset does not know: refuse the input (error) or "
                         "leave them out and list them (skip)")
@@ -259,12 +262,12 @@ SCORE_SUMMARY = ("rows", "rows_scored", "rows_rejected", "n_parts", "complete", 
 
 
 def _cmd_score(a):
-    from segfast.score import score_from_args
+    from segfast.scoring.command import score_from_args
 
     manifest = score_from_args(a)
     doc = {k: manifest.get(k) for k in SCORE_SUMMARY if k in manifest}
     doc["out"] = str(a.out)
-    doc["manifest"] = str(Path(a.out) / "manifest.json")
+    doc["manifest"] = str(Path(a.out) / "_manifest.json")
     return doc, _text({k: v for k, v in doc.items() if k not in ("timing", "parts")})
 
 

@@ -21,7 +21,8 @@ from segfast.data.prepared import load_prepared, prepare_raw
 from segfast.data.sources import RawInteractions
 from segfast.evaluate import expected_leave_slot
 from segfast.model import ModelConfig, SegInterestModel
-from segfast.score import (OutDirError, ScoreInputError, UnknownIdsError, latest_visual_histories, score)
+from segfast.scoring import (MANIFEST, OutDirError, ScoreInputError, UnknownIdsError, latest_visual_histories,
+                             score)
 from _fakes import RandomFeatures
 
 REPO = Path(__file__).resolve().parents[1]
@@ -257,7 +258,7 @@ def test_unknown_ids_error_then_skip(world, tmp_path):
     man = score(world["runs"]["both"], world["root"] / "p", f, tmp_path / "o2", progress=False, part_rows=100,
                 on_unknown="skip")
     bad = [7, 50, 100, 250]
-    rej = pq.read_table(tmp_path / "o2" / "rejected.parquet").to_pydict()
+    rej = pq.read_table(tmp_path / "o2" / "_rejected").to_pydict()
     assert rej["row"] == bad
     assert rej["reason"] == ["unknown_user_and_video", "unknown_video", "unknown_user", "unknown_video"]
     assert man["rows_scored"] == 296 and man["rows_rejected"] == 4
@@ -294,7 +295,7 @@ def test_foreign_out_dir_refused_and_rerun_skips(world, tmp_path):
 _KILL_SCRIPT = """
 import sys, time, torch
 torch.set_num_threads(1)
-from segfast.score import score
+from segfast.scoring import score
 def slow(rec):
     time.sleep(0.4)
 score(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], batch_size=50, part_rows=60, progress=False,
@@ -325,7 +326,7 @@ def test_resume_after_sigkill(world, tmp_path):
     while time.time() < deadline:
         m = None
         try:
-            m = json.loads((out / "manifest.json").read_text())
+            m = json.loads((out / MANIFEST).read_text())
         except (OSError, ValueError):
             pass
         if m and len(m["parts"]) >= 2:
@@ -336,7 +337,7 @@ def test_resume_after_sigkill(world, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     proc.stderr.close()
-    m = json.loads((out / "manifest.json").read_text())
+    m = json.loads((out / MANIFEST).read_text())
     n_parts = m["n_parts"]
     assert 2 <= len(m["parts"]) < n_parts and not m["complete"]
     before = {r["file"]: (out / r["file"]).stat().st_mtime_ns for r in m["parts"]}
@@ -356,13 +357,13 @@ def test_resume_after_sigkill(world, tmp_path):
 def test_two_process_sharding_matches_single_process(world, tmp_path):
     run, data, pairs = world["runs"]["both"], world["root"] / "p", world["pairs"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "segfast.score", "--run-dir", str(run), "--data", str(data), "--pairs", str(pairs),
+           "-m", "segfast.scoring", "--run-dir", str(run), "--data", str(data), "--pairs", str(pairs),
            "--out", str(tmp_path / "sharded"), "--part-rows", "100", "--batch-size", "64", "--quiet"]
     r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
-    man = json.loads((tmp_path / "sharded" / "manifest.json").read_text())
+    man = json.loads((tmp_path / "sharded" / MANIFEST).read_text())
     assert man["complete"] and man["world_size"] == 2 and man["rows_scored"] == len(world["p"])
     assert [rec["rank"] for rec in man["parts"]] == [i % 2 for i in range(man["n_parts"])]
-    assert not list((tmp_path / "sharded").glob("manifest.rank-*"))
+    assert not list((tmp_path / "sharded").glob("_manifest.rank-*"))
     score(run, data, pairs, tmp_path / "single", part_rows=100, batch_size=64, progress=False)
     _parts_equal(tmp_path / "sharded", tmp_path / "single")
