@@ -2,7 +2,7 @@
 
 Builds a synthetic SegMM release (``segfast.data.synth``, feature dim 64), prepares it, saves an untrained
 ``small``-preset model per modality with ``segfast.checkpoint``, writes N random (user_id, video_id, time_ms)
-pairs over the known ids, and times ``segfast.score.score`` for each modality. Prints the manifest's time
+pairs over the known ids, and times ``segfast.scoring.score`` for each modality. Prints the manifest's time
 split (setup = validation pass + hashing + loading; data = producer thread read + assemble; wait = model idle
 waiting for data; compute = model; write = scores -> Parquet) and optionally a cProfile of the scoring.
 
