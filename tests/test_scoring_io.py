@@ -224,3 +224,24 @@ def test_cli_keep_columns(world, tmp_path, capfd):
                str(world["pairs"]), "--out", str(tmp_path / "o2"), "--keep-columns", "requests", "--quiet"])
     o, e = capfd.readouterr()
     assert rc == 2 and "keep column 'requests' is not in the input" in e and e.count("\n") == 1
+
+
+def test_many_files_stream_without_open_handles_and_uint64_checked(world, tmp_path):
+    from segfast.scoring import ParquetPairs
+
+    t = world["table"]
+    d = _split(t, tmp_path / "many", list(range(8, t.num_rows, 8)))  # 50 files of 8 rows
+    fds = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    src = ParquetPairs(d, keep_columns=["request"])
+    assert len(src.files) == 50 and src.rows == t.num_rows
+    if fds is not None:
+        assert len(os.listdir("/proc/self/fd")) <= fds + 2  # footers read, no handle kept per file
+    got = src.read(13, 390)
+    np.testing.assert_array_equal(got["user_id"], t.column("user_id").to_numpy()[13:390])
+    assert got["keep"]["request"].to_pylist() == t.column("request").to_pylist()[13:390]
+    assert sum(len(c["video_id"]) for _, c in src.chunks()) == t.num_rows
+    big = tmp_path / "u64.parquet"
+    pq.write_table(pa.table({"user_id": pa.array([1, 2**63 + 5], pa.uint64()),
+                             "video_id": pa.array([1, 2], pa.uint64())}), big)
+    with pytest.raises(ScoreInputError, match=r"u64.parquet: column 'user_id' at row 1 holds 9223372036854775813"):
+        score(world["runs"]["id"], world["root"] / "p", big, tmp_path / "o", progress=False)

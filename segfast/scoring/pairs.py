@@ -81,13 +81,12 @@ class _File:
 
         self.path = path
         self.partition = partition  # column -> (value, arrow type)
-        try:
-            self.pf = pq.ParquetFile(path)
-            self.schema = self.pf.schema_arrow
+        try:  # the footer only; the file is opened again for each read (no handle kept per file)
+            md = pq.read_metadata(path)
+            self.schema = md.schema.to_arrow_schema()
         except Exception as e:  # ArrowInvalid, OSError, ... for a bad magic number or a corrupt footer
             raise ScoreInputError(f"{path}: not a readable Parquet file (corrupt or truncated footer?): {e}") \
                 from None
-        md = self.pf.metadata
         self.rows = int(md.num_rows)
         rg = np.array([md.row_group(i).num_rows for i in range(md.num_row_groups)], dtype=np.int64)
         self.rg_start = np.concatenate(([0], np.cumsum(rg))).astype(np.int64)
@@ -100,9 +99,12 @@ class _File:
     def first_value(self, col):
         if col in self.partition:
             return self.partition[col][0]
+        import pyarrow.parquet as pq
+
         try:
-            for b in self.pf.iter_batches(batch_size=1, columns=[col]):
-                return b.column(0)[0].as_py() if b.num_rows else None
+            with pq.ParquetFile(self.path) as pf:
+                for b in pf.iter_batches(batch_size=1, columns=[col]):
+                    return b.column(0)[0].as_py() if b.num_rows else None
         except Exception:  # noqa: BLE001 - only for the message
             return None
         return None
@@ -110,12 +112,14 @@ class _File:
     def batches(self, columns: Sequence[str], read_rows: int, row_groups=None):
         """(first row in this file, {column: arrow array}) record batches."""
         import pyarrow as pa
+        import pyarrow.parquet as pq
 
         file_cols = [c for c in columns if c not in self.partition]
         pos = 0 if row_groups is None else int(self.rg_start[row_groups[0]]) if row_groups else 0
+        pf = None
         try:
-            it = self.pf.iter_batches(batch_size=read_rows, row_groups=row_groups, columns=file_cols,
-                                      use_threads=False)
+            pf = pq.ParquetFile(self.path)
+            it = pf.iter_batches(batch_size=read_rows, row_groups=row_groups, columns=file_cols, use_threads=False)
             for b in it:
                 cols = {c: b.column(i) for i, c in enumerate(file_cols)}
                 for c in columns:
@@ -128,6 +132,9 @@ class _File:
             raise
         except Exception as e:  # corrupt pages, decompression errors
             raise ScoreInputError(f"{self.path}: cannot read the data near row {pos}: {e}") from None
+        finally:
+            if pf is not None:
+                pf.close()
 
 
 class _PairsBase:
