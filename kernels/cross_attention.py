@@ -400,14 +400,16 @@ def _bwd_fused_kernel(
 # fp32 operands (tf32x3 splits each into big + small parts). A config is taken when the estimate is <= the
 # budget: 128 registers keeps 16 warps resident per SM (65536 registers) and leaves ptxas headroom below 255.
 # Before sm_90 (no wgmma: dot operands live in registers, tf32x3 keeps both fp32 halves there too) the operand
-# weights double, programs have 4 warps and the budget is 160 (calibrated on sm_80 cubins, where the sm_90
-# choices spilled); fp32 loop tiles stay >= 32 there (tf32x3 dots with a 16-wide K dim spilled).
+# weights are 1 (fp16 / bf16) and 8 (fp32), programs have 4 warps and the budget is 160 (calibrated on sm_80
+# cubins, where the sm_90 choices spilled); fp32 loop tiles stay >= 32 there (16-wide tf32x3 dots spilled).
+# fp32 dk/dv query tiles are at most 32 rows on every card (64 spilled with a 1-key source).
 _REG_BUDGET = 128
 
 
 def _op_weight(fp32: bool, arch: int = 90) -> float:
-    w = 2.5 if fp32 else 0.5
-    return w if arch >= 90 else 2 * w
+    if arch >= 90:
+        return 2.5 if fp32 else 0.5
+    return 8.0 if fp32 else 1.0
 
 
 def _budget(arch: int) -> int:
@@ -421,9 +423,9 @@ def _warps(arch: int) -> tuple:
 
 def _arch(t: torch.Tensor) -> int:
     """Compute capability as 90 / 80 of the tensor's GPU; 90 (the cards we target) in the interpreter."""
-    if t.device.type != "cuda":
+    if interpreting():
         return 90
-    major, minor = torch.cuda.get_device_capability(t.device)
+    major, minor = torch.cuda.get_device_capability(t.device if t.device.type == "cuda" else None)
     return 10 * major + minor
 
 
@@ -477,13 +479,13 @@ def _launch_meta(LQ: int, L1: int, L2: int, D: int, fp32: bool = False, arch: in
     cfg = {}
     # forward / dq: all queries of a (b, h) in one tile when Lq <= 128 (64 for D > 64): Q, K, V read once
     for kind, est in (("fwd", _est_fwd), ("dq", _est_dq)):
-        BM, BN, w = _fit(est, pow2_block(LQ, 16, cap_m), 32 if big_d else 64, BD, op, budget, 16,
-                         _warps(arch))
+        BM, BN, w = _fit(est, pow2_block(LQ, 16, cap_m), 32 if big_d else 64, BD, op, budget,
+                         32 if fp32 and arch < 90 else 16, _warps(arch))
         cfg[kind] = {"BLOCK_M": fm or BM, "BLOCK_N": fn or BN, "BLOCK_D": BD, "num_warps": w}
     # dk/dv (fallback): all keys of a source in one tile when L <= 128 (64 for D > 64), loop over query tiles
     for kind, L in (("dkdv1", L1), ("dkdv2", L2)):
         BN, BM, w = _fit(lambda n, m, d, o: _est_dkdv(m, n, d, o), pow2_block(L, 16, cap_m),
-                         pow2_block(LQ, 16, 64), BD, op, budget, 32 if fp32 and arch < 90 else 16,
+                         pow2_block(LQ, 16, 32 if fp32 else 64), BD, op, budget, 32 if fp32 and arch < 90 else 16,
                          _warps(arch))
         cfg[kind] = {"BLOCK_M": fm or BM, "BLOCK_N": fn or BN, "BLOCK_D": BD, "num_warps": w}
     cfg["fused"] = _fused_meta(LQ, L1, L2, BD, op, fm, budget=budget, arch=arch)
@@ -503,7 +505,9 @@ def _fused_meta(LQ, L1, L2, BD, op, force_m=None, forced=False, budget=_REG_BUDG
     if forced:
         m = force_m or 16
         return {"BLOCK_M1": m, "BLOCK_N1": BN[0], "BLOCK_M2": m, "BLOCK_N2": BN[1], "BLOCK_D": BD, "num_warps": 8}
-    if arch < 90:  # sm_80: the fused tiles land at 176-255 registers at 8 warps; the split kernels fit 4 warps
+    if arch < 90 or op >= 1:
+        # sm_80: the fused tiles land at 176-255 registers at 8 warps (the split kernels fit 4 warps); fp32
+        # operands (tf32x3) spilled in the fused kernel on sm_90 (176 B with a 1-key source): split kernels
         return None
     top = pow2_block(LQ, 16, 128)
     for w in (4, 8):
@@ -518,9 +522,10 @@ def _fused_meta(LQ, L1, L2, BD, op, force_m=None, forced=False, budget=_REG_BUDG
                 BMs = [force_m, force_m]
             meta = {"BLOCK_M1": BMs[0], "BLOCK_N1": BN[0], "BLOCK_M2": BMs[1], "BLOCK_N2": BN[1],
                     "BLOCK_D": BD, "num_warps": w}
-            if arch >= 90 and w == 8 and op < 1:  # fp16 / bf16 only (fp32 operands need more)
-                # ptxas lands at up to 130 registers on sm_90 (both sources in one kernel): capped at 128, two
-                # programs (16 warps) stay resident per SM; no spill at these tiles (csrc_notes)
+            if arch >= 90 and w == 8 and op < 1 and max(BN) == 128 and BD <= 32:
+                # fp16 / bf16 with a 128-key source (the presets' 100 user keys): ptxas lands at up to 130
+                # registers on sm_90; capped at 128, two programs (16 warps) stay resident per SM, no spill
+                # (checked on the cubins; with a 1-key source the cap spilled 40 B, so it is not applied there)
                 meta["maxnreg"] = 128
             return meta
     return None
@@ -572,7 +577,8 @@ class _CrossAttention(torch.autograd.Function):
         d_q2, d_k2, d_v2, d_m2 = (q2, k2, v2, m2) if has2 else (qr, kr, kr, m1)
         o = new_like(qr, dtype=out_dtype)                                           # [B, H, LQ, D]
         lse = new_output((B * H, LQ), torch.float32, qr.device)                     # [B*H, LQ]
-        meta = _launch_meta(LQ, L1, L2, D, dtype == torch.float32, _arch(qr))["fwd"]
+        arch = _arch(qr)
+        meta = _launch_meta(LQ, L1, L2, D, dtype == torch.float32, arch)["fwd"]
         upcast = _upcast(dtype)
         prec = _dot_prec(dtype)
         qk_scale = scale * _LOG2E
@@ -590,6 +596,7 @@ class _CrossAttention(torch.autograd.Function):
         ctx.scale = scale
         ctx.has = (has1, has2)
         ctx.dims = (B, H, LQ, D, L1, L2)
+        ctx.arch = arch  # the backward may run on autograd's device thread: decide the card once, here
         return o
 
     @staticmethod
@@ -609,7 +616,7 @@ class _CrossAttention(torch.autograd.Function):
         dq2 = new_like(q2) if has2 else None
         dk1, dv1 = (new_like(k1), new_like(v1)) if has1 else (None, None)
         dk2, dv2 = (new_like(k2), new_like(v2)) if has2 else (None, None)
-        arch = _arch(qr)
+        arch = ctx.arch
         metas = _launch_meta(LQ, L1, L2, D, dtype == torch.float32, arch)
         upcast = _upcast(dtype)
         prec = _dot_prec(dtype)
