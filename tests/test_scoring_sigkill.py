@@ -71,24 +71,26 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(tmp_path):
     run, data, pairs = _world(tmp_path)
     out = tmp_path / "killed"
     rng = np.random.default_rng(SEED)
+    n_parts = -(-PAIRS // PART_ROWS)
+    # kill 1 lands in start-up / the validation pass / the first parts; kills 2 and 3 after random numbers of
+    # finished parts, a random delay later (capped at two more parts, so that a fast machine cannot finish first)
+    targets = [0] + sorted(rng.choice(np.arange(1, n_parts - 3), KILLS - 1, replace=False).tolist())
     done_before = []
-    for k in range(KILLS):
+    for target in targets:
         proc = subprocess.Popen(_cmd(run, data, pairs, out), env=_env(), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE)
-        if k == 0:  # anywhere in start-up, validation pass, set-up or the first parts
-            time.sleep(rng.uniform(0.5, 4.0))
-        else:  # once this run has made progress, at a random moment within the next part or two
-            base = _parts_done(out)
-            deadline = time.time() + 60
-            while _parts_done(out) <= base and proc.poll() is None and time.time() < deadline:
-                time.sleep(0.01)
-            time.sleep(rng.uniform(0.0, 0.8))
+        delay = rng.uniform(0.3, 3.0) if target == 0 else rng.uniform(0.0, 1.0)
+        deadline = time.time() + 120
+        while _parts_done(out) < target and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.005)
+        t_kill = time.time() + delay
+        while time.time() < t_kill and _parts_done(out) < target + 2 and proc.poll() is None:
+            time.sleep(0.005)
         assert proc.poll() is None, "the run finished before it could be killed: " + proc.stderr.read().decode()
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         proc.stderr.close()
         done_before.append(_parts_done(out))
-    n_parts = -(-PAIRS // PART_ROWS)
     assert done_before[-1] < n_parts and max(done_before) >= 1, done_before
     r = subprocess.run(_cmd(run, data, pairs, out), env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -108,4 +110,4 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(tmp_path):
     b = np.concatenate(ref.column("scores").to_numpy(zero_copy_only=False))
     assert a.view(np.uint32).tolist() == b.view(np.uint32).tolist()  # bit for bit
     assert got.equals(ref)
-    print(f"parts finished before each kill: {done_before} of {n_parts}")
+    print(f"parts finished before each kill: {done_before} of {n_parts} (targets {targets})")
