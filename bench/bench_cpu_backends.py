@@ -6,9 +6,9 @@ for a training step (forward + backward + AdamW) and no-grad scoring of the full
 
 Variants (each a full model with the same weights and batch):
     torch/index   backend "torch" (the frozen reference), the previous split y[i]   <- the baseline
-    torch/unbind  backend "torch", the encoder's current split (unbind)
+    torch/unbind  backend "torch", the encoder's current split (unbind): the model as it runs by default
     sdpa/index    backend "sdpa",  the previous split
-    sdpa/unbind   backend "sdpa",  the current split (the model as it now runs on CPU by default)
+    sdpa/unbind   backend "sdpa",  the current split (the model under --backend sdpa)
 
 The previous split is restored only here, by replacing ``EncoderLayer._split`` while a variant runs. The
 variants are interleaved (one step of each, repeated ``--reps`` times after two warm-up rounds) so that a busy
@@ -107,7 +107,8 @@ def main(args):
     n_users, n_videos = 1000, 5000
     M, F = args.user_tokens, args.feature_dim
     commit = _commit()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{platform.processor() or platform.machine()}, "
           f"commit {commit}, modality {args.modality}, user tokens {M}, feature dim {F}", flush=True)
     fh = writer = None
     if args.csv:

@@ -223,7 +223,8 @@ def test_backend_switch_routes_to_sdpa(monkeypatch):
         assert calls == [1, 1]
         # the decoder ops have no sdpa version: the reference's, bitwise
         x, y = torch.randn(2, 40, 8), torch.randn(2, 40, 8)
-        w = (torch.randn(8), torch.randn(8), torch.tensor(0.1), torch.randn(2, 4, 4), torch.ones(40), torch.ones(40))
+        w = (torch.randn(8), torch.randn(8), torch.tensor(0.1), torch.randn(2, 4, 4), torch.ones(40),
+             torch.ones(40))
         assert torch.equal(ops.segment_decoder(x, y, *w), reference.segment_decoder(x, y, *w))
     finally:
         ops.set_backend(previous)

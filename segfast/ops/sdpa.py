@@ -15,8 +15,8 @@ call is one ``torch.nn.functional.scaled_dot_product_attention`` over a single k
 
 so Q K^T = [q1 k1^T, q2 k2^T], exactly the reference's concatenated logits. The values are padded to the
 queries' head dimension because SDPA's flash kernels (the CPU one included) need q, k and v of one head
-dimension; with V of width D the call runs SDPA's unfused math kernel, 3-10x slower on CPU for forward +
-backward at the model's shapes (measured, docs/model.md). With one source absent the call is plain SDPA on
+dimension; with V of width D the call runs SDPA's unfused math kernel, 2.5-14x slower on CPU for forward +
+backward at the model's shapes (measured on the 2-core box). With one source absent the call is plain SDPA on
 the other one.
 
 A query whose keys are all masked gets zeros (the reference's contract). SDPA gives NaN (or, in some kernels,
@@ -81,7 +81,7 @@ def cross_attention(q1, k1, v1, mask1, q2, k2, v2, mask2, scale=None) -> Tensor:
         q = torch.cat([q1, q2], dim=-1)                                                  # [B, H, Lq, 2D]
         k = torch.cat([F.pad(k1, (0, D)), F.pad(k2, (D, 0))], dim=-2)                    # [B, H, L1+L2, 2D]
         # values zero-padded to 2D (output sliced back to D): the flash kernels need equal q / k / v head dims,
-        # without them SDPA falls back to its unfused math kernel (CPU: 3-10x slower with the backward)
+        # without them SDPA falls back to its unfused math kernel (CPU: 2.5-14x slower with the backward)
         v = F.pad(torch.cat([v1, v2], dim=-2), (0, D))                                   # [B, H, L1+L2, 2D]
         mask = torch.cat([m1.bool(), m2.bool()], dim=-1)                                 # [B, L1+L2]
 
