@@ -130,7 +130,8 @@ def _check_output(out_path, overwrite: bool) -> Path:
 
 
 def _scoring(device, progress, options: dict) -> dict:
-    allowed = {"backend", "batch_size", "on_unknown", "which", "part_rows", "prefetch", "max_batch_bytes"}
+    allowed = {"backend", "batch_size", "on_unknown", "which", "part_rows", "prefetch", "max_batch_bytes",
+               "precision"}
     bad = sorted(set(options) - allowed)
     if bad:
         raise TypeError(f"unexpected scoring option(s) {bad}; expected some of {sorted(allowed)}")
@@ -141,7 +142,7 @@ def _summary(pairs, man, out_path) -> dict:
     rej = man.get("rejected") or {}
     return {"pairs": len(pairs), "rejected": int(man.get("rows_rejected") or 0),
             "rejected_summary": rej.get("summary"), "out": str(out_path),
-            "backend": man.get("backend"), "device": man.get("device"),
+            "backend": man.get("backend"), "device": man.get("device"), "precision": man.get("precision"),
             "batch_size": man.get("effective_batch_size")}
 
 

@@ -78,6 +78,10 @@ def _add_device(p, backend: bool = True) -> None:
     if backend:
         g.add_argument("--backend", choices=_backends(), default=None,
                        help="segfast.ops backend of the model's hot ops (default: the run's / model's own)")
+        g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                       help="autocast of the model's forward and loss (weights, optimizer state and loss stay "
+                            "fp32; fp16 trains with loss scaling); default auto: bf16 on CUDA, fp32 on CPU "
+                            "(train resumes with the run's own)")
 
 
 HIDDEN_ALIASES = frozenset({"--run", "--interest-run"})  # old spellings of --run-dir: accepted, not shown
@@ -163,6 +167,13 @@ def apply_runtime(a: argparse.Namespace) -> None:
         torch.set_num_threads(int(threads))
     if getattr(a, "device", None) is not None:
         a.device = resolve_device(a.device)
+    if getattr(a, "precision", "auto") not in (None, "auto"):  # "auto" is resolved where it is used
+        from segfast.precision import PrecisionError, resolve_precision
+
+        try:
+            a.precision = resolve_precision(a.precision, getattr(a, "device", "cpu"))
+        except PrecisionError as e:
+            raise UsageError(f"--precision {a.precision}: {e}") from None
     if getattr(a, "backend", None) == "triton" and not str(getattr(a, "device", "cpu")).startswith("cuda") \
             and not _interpreting():
         raise UsageError("--backend triton: the Triton kernels need a CUDA device, and this run is on "
@@ -246,7 +257,7 @@ def _cmd_evaluate(a):
     from segfast.evaluate import evaluate_run
 
     res = evaluate_run(a.data, a.run_dir, split=a.split, batch_size=a.batch_size, device=a.device,
-                       seed=a.seed, backend=a.backend)
+                       seed=a.seed, backend=a.backend, precision=a.precision)
     return res, _sections({"model": res})
 
 
@@ -257,7 +268,7 @@ def _cmd_baselines(a):
     return res, _sections(res)
 
 
-SCORE_SUMMARY = ("rows", "rows_scored", "rows_rejected", "n_parts", "complete", "backend", "device",
+SCORE_SUMMARY = ("rows", "rows_scored", "rows_rejected", "n_parts", "complete", "backend", "device", "precision",
                  "effective_batch_size", "fast_path", "world_size", "rejected", "timing", "parts")
 
 
@@ -292,6 +303,7 @@ def _cmd_segrec(a):
 
 def _app_scoring(a) -> dict:
     return dict(device=a.device, progress=not a.quiet, overwrite=a.overwrite, backend=a.backend,
+                precision=a.precision,
                 batch_size=a.batch_size, on_unknown=a.on_unknown, which=a.which, prefetch=not a.no_prefetch)
 
 

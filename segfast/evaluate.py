@@ -515,15 +515,18 @@ def run_baselines(data_dir, split: str = "test", seed: int = 0, prior_strength: 
 # evaluating a trained run
 
 def evaluate_run(data_dir, run_dir, split: str = "test", batch_size: int = 1024, device="cpu", seed: int = 0,
-                 backend: Optional[str] = None, prepared=None) -> dict:
+                 backend: Optional[str] = None, prepared=None, precision: Optional[str] = None) -> dict:
     """Evaluate the best checkpoint of ``run_dir`` on ``split`` of the prepared dataset at ``data_dir``.
 
     Returns {"split","rows","metrics":{HR/NDCG, MAE, rows},"cold":{...},"strict":{...}}. Tie-breaks are
     seeded by (seed, interaction row number), so the result does not depend on batch_size. ``backend``
     ("torch"/"triton") sets the segfast.ops default for the duration of the call. ``prepared`` may pass an
-    already loaded dataset (data_dir is then ignored)."""
+    already loaded dataset (data_dir is then ignored). ``precision``: "fp32" / "bf16" / "fp16" autocast of the
+    model call (``segfast.precision``); None / "auto" = the device's default (bf16 on CUDA, fp32 on CPU), not the
+    precision the run was trained with. The result records it under "precision"."""
     import torch
     from segfast import ops
+    from segfast import precision as sfprec
     from segfast.checkpoint import check_compatible, load_run
     from segfast.data.batches import make_loader
 
@@ -532,6 +535,7 @@ def evaluate_run(data_dir, run_dir, split: str = "test", batch_size: int = 1024,
     if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
     _check_seed(seed)
+    precision = sfprec.resolve_precision(precision, device)
     if prepared is None:
         from segfast.data.prepared import load_prepared
         prepared = load_prepared(data_dir)
@@ -544,6 +548,8 @@ def evaluate_run(data_dir, run_dir, split: str = "test", batch_size: int = 1024,
     model, meta = load_run(run_dir, which="best", device=device)
     check_compatible(meta, prepared)
     acc, acc_s = RankingAccumulator(seed, strict=False), RankingAccumulator(seed, strict=True)
+    sfprec.check_backend(precision, backend or getattr(getattr(model, "config", None), "backend", None)
+                         or ops.get_backend())
     previous = ops.get_backend()
     if backend is not None:
         ops.set_backend(backend)
@@ -564,7 +570,9 @@ def evaluate_run(data_dir, run_dir, split: str = "test", batch_size: int = 1024,
                 if dev.type != "cpu":
                     batch = {k: (v.to(dev, non_blocking=True) if torch.is_tensor(v) else v)
                              for k, v in batch.items()}
-                logits = model.score(batch).float()
+                with sfprec.autocast(dev, precision):
+                    logits = model.score(batch)
+                logits = logits.float()
                 args = (logits, cpu["target"], cpu["n_segments"])
                 kw = {"is_cold": cpu.get("is_cold"), "row_ids": cpu["row"]}
                 acc.update(*args, **kw)
@@ -578,7 +586,7 @@ def evaluate_run(data_dir, run_dir, split: str = "test", batch_size: int = 1024,
     if res["metrics"]["rows"] == 0:
         raise ValueError(f"split {split!r}: the loader yielded no rows with target < {S}")
     return {"split": split, "rows": res["metrics"]["rows"], "metrics": res["metrics"], "cold": res["cold"],
-            "strict": acc_s.result()["metrics"]}
+            "strict": acc_s.result()["metrics"], "precision": precision}
 
 
 # --------------------------------------------------------------------------------------------------------------

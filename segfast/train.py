@@ -39,6 +39,13 @@ Several processes (``torchrun --nproc-per-node K -m segfast train ...``; WORLD_S
   bar; its early-stopping decision (and any error) is broadcast so that all ranks stop together. The other
   ranks never write into the run directory. On resume every rank loads ``last/`` (on several nodes the run
   directory must be on a shared filesystem). The number of processes may change between sessions.
+
+Precision (``precision``, ``--precision``; ``segfast.precision``): "fp32", "bf16" or "fp16"; None / "auto" =
+bf16 on CUDA, fp32 on CPU for a new run, and the run's own on resume. The forward and the loss (and the dev
+evaluations) run under ``torch.autocast``; weights, gradients and AdamW state stay fp32; fp16 uses a GradScaler
+(dynamic loss scaling, gradients unscaled before clipping) whose state is saved in ``last/state.json``. The
+precision is recorded in ``config.json`` ("precision") and in the summary; resuming with another precision is
+refused (RunDirError), so a resumed run continues exactly as an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -55,6 +62,7 @@ import torch
 
 from segfast import MAX_SLOTS
 from segfast import distributed as sfdist
+from segfast import precision as sfprec
 from segfast.checkpoint import (CheckpointError, data_fingerprint, load_state, read_json, read_run_config,
                                 save_model, save_state, state_dir, write_json, write_run_config)
 from segfast.model.config import ModelConfig, TrainConfig
@@ -172,8 +180,28 @@ def _diff(a: dict, b: dict, free: set) -> list:
     return [f"{k}: {a.get(k)!r} (run) vs {b.get(k)!r} (now)" for k in sorted(keys) if a.get(k) != b.get(k)]
 
 
-def _check_out_dir(out: Path, mc: ModelConfig, tc: TrainConfig, data: dict) -> bool:
-    """True when ``out`` is a resumable run of this config (resume), False when it is new/empty."""
+def _run_precision(out: Path) -> Optional[str]:
+    """The precision a run in ``out`` was trained with ("fp32" for runs from before precision was recorded);
+    None when ``out`` holds no run config."""
+    if not (out / "config.json").is_file():
+        return None
+    try:
+        raw = read_json(out / "config.json")
+    except CheckpointError:
+        return None
+    return raw.get("precision", "fp32") if isinstance(raw, dict) else None
+
+
+def _record_precision(out: Path, precision: str) -> None:
+    """Add "precision" to RUN/config.json (written atomically)."""
+    raw = read_json(out / "config.json")
+    raw["precision"] = precision
+    write_json(out / "config.json", raw)
+
+
+def _check_out_dir(out: Path, mc: ModelConfig, tc: TrainConfig, data: dict, precision: Optional[str] = None) -> bool:
+    """True when ``out`` is a resumable run of this config (resume), False when it is new/empty.
+    ``precision``: the one asked for (None = whatever the run has)."""
     if not out.exists():
         return False
     if not out.is_dir():
@@ -190,6 +218,9 @@ def _check_out_dir(out: Path, mc: ModelConfig, tc: TrainConfig, data: dict) -> b
     diffs = _diff(cfg["model"].to_dict(), mc.to_dict(), _RESUME_FREE_MODEL)
     diffs += _diff(cfg["train"].to_dict() if cfg["train"] else {}, tc.to_dict(), _RESUME_FREE_TRAIN)
     diffs += [f"data {d}" for d in _diff(cfg["data"] or {}, data, set())]
+    had = cfg["raw"].get("precision", "fp32")
+    if precision not in (None, "auto") and had != precision:
+        diffs.append(f"precision: {had!r} (run) vs {precision!r} (now); resume with --precision {had}")
     if diffs:
         raise RunDirError(f"{out}: holds a run of a different configuration or dataset; differences: "
                           + "; ".join(diffs) + ". Use another output directory.")
@@ -210,8 +241,9 @@ def _check_finite(batch: dict, data_dir) -> None:
                                  f"batch key {key!r}); re-prepare the dataset from clean features")
 
 
-def evaluate_dev(model: SegInterestModel, loader, device, seed: int, data_dir="") -> dict:
-    """Ranking metrics of ``model`` over the rows of ``loader`` (eval mode; restores the mode)."""
+def evaluate_dev(model: SegInterestModel, loader, device, seed: int, data_dir="", precision: str = "fp32") -> dict:
+    """Ranking metrics of ``model`` over the rows of ``loader`` (eval mode, under ``precision``'s autocast;
+    restores the mode)."""
     from segfast.evaluate import ranking_metrics
 
     was = model.training
@@ -221,7 +253,9 @@ def evaluate_dev(model: SegInterestModel, loader, device, seed: int, data_dir=""
         with torch.no_grad():
             for batch in loader:
                 _check_finite(batch, data_dir)
-                logits.append(model(batch_to(batch, device)).float().cpu())
+                with sfprec.autocast(device, precision):
+                    out = model(batch_to(batch, device))
+                logits.append(out.float().cpu())
                 target.append(batch["target"])
                 nseg.append(batch["n_segments"])
                 rows.append(batch["row"])
@@ -261,7 +295,7 @@ def _append_jsonl(path: Path, rec: dict) -> None:
 
 
 def train(data_dir, out_dir, model_config: ModelConfig, train_config: TrainConfig, progress: bool = True,
-          max_steps: Optional[int] = None) -> dict:
+          max_steps: Optional[int] = None, precision: Optional[str] = None) -> dict:
     """Train a SegInterestModel on the prepared dataset ``data_dir`` into the run directory ``out_dir``.
 
     ``max_steps`` stops after that many optimizer steps in total (counting steps of earlier sessions of a
@@ -269,7 +303,10 @@ def train(data_dir, out_dir, model_config: ModelConfig, train_config: TrainConfi
     Returns the summary also written to RUN/metrics.json.
 
     Under torchrun (WORLD_SIZE > 1) this trains with DistributedDataParallel (see the module docstring);
-    every rank returns the summary."""
+    every rank returns the summary.
+
+    ``precision``: "fp32", "bf16", "fp16", or None / "auto" (bf16 on CUDA, fp32 on CPU for a new run; the
+    run's recorded precision on resume). See the module docstring."""
     tc = train_config.validate()
     if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 0):
         raise ValueError(f"max_steps: expected None or an integer >= 0, got {max_steps!r}")
@@ -284,12 +321,14 @@ def train(data_dir, out_dir, model_config: ModelConfig, train_config: TrainConfi
         device = _dist_device(tc.device, info)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"TrainConfig.device={tc.device!r} but CUDA is not available")
+    if precision is not None and precision != "auto":
+        precision = sfprec.resolve_precision(precision, device)
     with sfdist.process_group(str(device)) as info:
-        return _train(data_dir, out_dir, model_config, tc, progress, max_steps, device, info)
+        return _train(data_dir, out_dir, model_config, tc, progress, max_steps, device, info, precision)
 
 
 def _train(data_dir, out_dir, model_config: ModelConfig, tc: TrainConfig, progress: bool,
-           max_steps: Optional[int], device: torch.device, info) -> dict:
+           max_steps: Optional[int], device: torch.device, info, precision: Optional[str] = None) -> dict:
     from tqdm.auto import tqdm
 
     from segfast.data.batches import make_loader
@@ -302,9 +341,14 @@ def _train(data_dir, out_dir, model_config: ModelConfig, tc: TrainConfig, progre
     data = data_fingerprint(prepared)
     out = Path(out_dir)
     if ddp:  # only rank 0 looks at the run directory (a refusal there raises on every rank)
-        resume = bool(sfdist.on_rank0(lambda: _check_out_dir(out, mc, tc, data), "checking the run directory"))
+        resume = bool(sfdist.on_rank0(lambda: _check_out_dir(out, mc, tc, data, precision),
+                                      "checking the run directory"))
     else:
-        resume = _check_out_dir(out, mc, tc, data)
+        resume = _check_out_dir(out, mc, tc, data, precision)
+    if precision in (None, "auto"):  # a new run: the device's default; a resume: the run's own
+        precision = (_run_precision(out) if resume else None) or sfprec.default_precision(device)
+    precision = sfprec.resolve_precision(precision, device)
+    sfprec.check_backend(precision, mc.backend)
 
     target = np.asarray(prepared.interactions["target"])
     for split in ("train", "dev"):
@@ -328,11 +372,13 @@ def _train(data_dir, out_dir, model_config: ModelConfig, tc: TrainConfig, progre
         model = SegInterestModel(mc).to(device)
         model.set_seen_videos(np.asarray(prepared.videos["n_train"]) > 0)  # a resume reloads the same flags
         opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        scaler = sfprec.grad_scaler(device, precision)  # fp16 only
         st = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_ndcg5": None, "best_step": None,
               "best_dev": None, "bad_evals": 0, "finished": False, "stopped": None, "loss_sum": 0.0,
               "loss_n": 0, "evals": 0}
         if resume and not ddp:
             st = load_state(out, "last", model, optimizer=opt, device=device)
+            sfprec.load_scaler_state(scaler, st.get("grad_scaler"), str(out / "last" / "state.json"))
             _rewrite_jsonl(metrics_path, st["step"])
             if st.get("finished"):
                 summary_path = out / "metrics.json"
@@ -341,6 +387,7 @@ def _train(data_dir, out_dir, model_config: ModelConfig, tc: TrainConfig, progre
             err = None
             try:
                 st = load_state(out, "last", model, optimizer=opt, device=device)
+                sfprec.load_scaler_state(scaler, st.get("grad_scaler"), str(out / "last" / "state.json"))
             except Exception as e:  # noqa: BLE001 -- re-raised after the others are told
                 err = e
             if not sfdist.all_ok(err is None):
@@ -359,6 +406,7 @@ def _train(data_dir, out_dir, model_config: ModelConfig, tc: TrainConfig, progre
             def new_run():
                 out.mkdir(parents=True, exist_ok=True)
                 write_run_config(out, mc, tc, data)
+                _record_precision(out, precision)
                 if metrics_path.exists():
                     metrics_path.unlink()
             if ddp:
@@ -377,6 +425,8 @@ def _train(data_dir, out_dir, model_config: ModelConfig, tc: TrainConfig, progre
                 find_unused_parameters=find_unused)
 
         def checkpoint():
+            if scaler is not None:
+                st["grad_scaler"] = sfprec.scaler_state(scaler)
             save_state(out, "last", model, st, optimizer=opt, device=device)
 
         def finish(stopped: str) -> dict:
@@ -393,7 +443,8 @@ def _train(data_dir, out_dir, model_config: ModelConfig, tc: TrainConfig, progre
                 save_model(out / "model.safetensors", model)
             summary = {"step": st["step"], "epoch": st["epoch"], "stopped": stopped, "finished": st["finished"],
                        "best_step": st["best_step"], "best_dev": st["best_dev"], "evals": st["evals"],
-                       "steps_per_epoch": steps_per_epoch, "model": mc.to_dict(), "train": tc.to_dict()}
+                       "steps_per_epoch": steps_per_epoch, "precision": precision, "model": mc.to_dict(),
+                       "train": tc.to_dict()}
             write_json(out / "metrics.json", summary)
             return summary
 
@@ -404,7 +455,7 @@ def _train(data_dir, out_dir, model_config: ModelConfig, tc: TrainConfig, progre
         def evaluate() -> bool:
             """Dev evaluation + metrics line + checkpoints; True when early stopping triggers."""
             nonlocal t_last, pairs_since
-            dev = evaluate_dev(model, dev_loader, device, tc.seed, data_dir)
+            dev = evaluate_dev(model, dev_loader, device, tc.seed, data_dir, precision)
             now = time.perf_counter()
             loss = st["loss_sum"] / st["loss_n"] if st["loss_n"] else None
             rec = {"step": st["step"], "epoch": st["epoch"], "train_loss": loss, "dev": dev,
@@ -486,19 +537,29 @@ def _train(data_dir, out_dir, model_config: ModelConfig, tc: TrainConfig, progre
                                 f"the batch of step {st['step'] + 1}; see that rank's error")
                         # mean over this rank's kept rows -> its share of the global mean; DDP divides by world
                         weight = kept / kept_g * info.world_size if kept_g else 0.0
-                        _, loss = net(batch)
+                        with sfprec.autocast(device, precision):
+                            _, loss = net(batch)
                         opt.zero_grad(set_to_none=True)
-                        (loss * weight).backward()
+                        scaled = loss * weight
                     else:
-                        _, loss = model.loss(batch)
+                        with sfprec.autocast(device, precision):
+                            _, loss = model.loss(batch)
                         opt.zero_grad(set_to_none=True)
-                        loss.backward()
+                        scaled = loss
+                    loss = loss.float()  # fp32 already (the reference loss upcasts); logged and checked in fp32
+                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                    if scaler is not None and tc.grad_clip is not None:
+                        scaler.unscale_(opt)  # clip the true gradients
                     if tc.grad_clip is not None:
                         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
                     lr_now = tc.lr_at(st["step"], planned)
                     for group in opt.param_groups:
                         group["lr"] = lr_now
-                    opt.step()
+                    if scaler is not None:
+                        scaler.step(opt)  # skipped when the scaled gradients overflowed
+                        scaler.update()
+                    else:
+                        opt.step()
                     if ddp:
                         lsum = sfdist.all_reduce_sum([float(loss.detach()) * kept if kept else 0.0])[0]
                         lv = lsum / kept_g if kept_g else 0.0
@@ -582,4 +643,4 @@ def train_from_args(a) -> dict:
     """``segfast train``: configs from the CLI arguments, then :func:`train`."""
     mc, tc = configs_from_args(a)
     return train(a.data, a.out, mc, tc, progress=not getattr(a, "quiet", False),
-                 max_steps=getattr(a, "max_steps", None))
+                 max_steps=getattr(a, "max_steps", None), precision=getattr(a, "precision", None))

@@ -1,6 +1,6 @@
 """The Python API: ``Scorer`` (a loaded run over its prepared dataset) and ``score`` (the one-call job).
 
-    scorer = Scorer.from_run("run/", "data/", device="cpu")
+    scorer = Scorer.from_run("run/", "data/", device="cpu")   # precision=None: bf16 on CUDA, fp32 on CPU
     table = scorer.score(pairs_table)             # pyarrow Table / pandas / polars -> Arrow table
     manifest = scorer.score_dataset("pairs/", "scores/")   # exactly what `segfast score` runs
 """
@@ -42,7 +42,7 @@ class Scorer:
 
     def __init__(self, model, meta: dict, prepared, *, run_dir, data_dir, device: str, backend: str,
                  batch_size: int, which: str = "best", fast: bool = True,
-                 max_batch_bytes: int = DEFAULT_BATCH_BYTES):
+                 max_batch_bytes: int = DEFAULT_BATCH_BYTES, precision: str = "fp32"):
         from segfast.scoring.batches import HostFeatures, pair_bytes
         from segfast.scoring.forward import fast_capable
         from segfast.scoring.index import IdIndex
@@ -50,6 +50,7 @@ class Scorer:
         self.model, self.meta, self.prepared = model, meta, prepared
         self.run_dir, self.data_dir, self.which = Path(run_dir), Path(data_dir), which
         self.device, self.backend = device, backend
+        self.precision = precision  # autocast of every model call (segfast.precision)
         self.config = model.config
         self.batch_size = int(batch_size)
         self.fast = bool(fast) and fast_capable(model)
@@ -63,19 +64,23 @@ class Scorer:
     @classmethod
     def from_run(cls, run_dir, data_dir, device: str = "cpu", backend: Optional[str] = None,
                  batch_size: Optional[int] = None, *, which: str = "best", fast: bool = True,
-                 max_batch_bytes: int = DEFAULT_BATCH_BYTES) -> "Scorer":
+                 max_batch_bytes: int = DEFAULT_BATCH_BYTES, precision: Optional[str] = None) -> "Scorer":
         """Load ``run_dir`` (``which``: "best" / "last" / "final") onto ``device`` ("cpu", "cuda[:n]", "auto")
         over the prepared dataset ``data_dir`` (checked against the run's data fingerprint).
 
         ``backend``: ops backend ("torch" / "sdpa" / "triton"); None = "torch" on CPU, the run's own on GPU.
         ``batch_size``: pairs per model call; None = 1024 on CPU, 8192 on GPU; capped so that the estimated
         batch memory stays under ``max_batch_bytes``. ``fast=False`` scores full 40-slot batches through
-        ``model.score`` (the reference path)."""
+        ``model.score`` (the reference path). ``precision``: "fp32" / "bf16" / "fp16" autocast of the model call;
+        None / "auto" = the device's default (bf16 on CUDA, fp32 on CPU), not the run's training precision.
+        It is part of an output directory's identity (a resume with another precision is refused)."""
         from segfast.checkpoint import check_compatible, load_run
         from segfast.data.prepared import load_prepared
         from segfast.ops import BACKENDS
+        from segfast.precision import check_backend, resolve_precision
 
         device = resolve_device(device)
+        precision = resolve_precision(precision, device)
         if batch_size is None:
             batch_size = 1024 if device == "cpu" else 8192
         check_positive(batch_size=batch_size, max_batch_bytes=max_batch_bytes)
@@ -87,8 +92,10 @@ class Scorer:
         if backend is None:
             backend = "torch" if device == "cpu" else model.config.backend
         model.set_backend(backend)
+        check_backend(precision, backend)
         return cls(model, meta, prepared, run_dir=run_dir, data_dir=data_dir, device=device, backend=backend,
-                   batch_size=batch_size, which=which, fast=fast, max_batch_bytes=max_batch_bytes)
+                   batch_size=batch_size, which=which, fast=fast, max_batch_bytes=max_batch_bytes,
+                   precision=precision)
 
     def assembler(self):
         """A batch assembler for this scorer (one per job: it runs in that job's reader thread)."""
@@ -116,7 +123,7 @@ class Scorer:
         src = TablePairs(as_arrow_table(data), keep_columns=keep_columns)
         scan(src, self.index, on_unknown, self.data_dir, None)
         job = Job(self.model, self.index, src, self.assembler(), self.fast, self.device,
-                  self.effective_batch_size, int(part_rows), progress, 0)
+                  self.effective_batch_size, int(part_rows), progress, 0, precision=self.precision)
         tables: list = []
         job.run(list(range(-(-src.rows // part_rows))), lambda ctx, t: tables.append(t), prefetch=prefetch)
         if not tables:  # no rows: an empty table with the output schema
@@ -139,7 +146,8 @@ def score(run_dir, data_dir, pairs_path, out_dir, backend: Optional[str] = None,
           device: str = "cpu", part_rows: int = DEFAULT_PART_ROWS, overwrite: bool = False, progress: bool = True,
           rank: int = 0, world_size: int = 1, *, on_unknown: str = "error", which: str = "best",
           fast: bool = True, prefetch: bool = True, max_batch_bytes: int = DEFAULT_BATCH_BYTES,
-          on_part: Optional[Callable[[dict], None]] = None, keep_columns=None) -> dict:
+          on_part: Optional[Callable[[dict], None]] = None, keep_columns=None,
+          precision: Optional[str] = None) -> dict:
     """``Scorer.from_run(run_dir, data_dir, ...).score_dataset(pairs_path, out_dir, ...)``: score every
     (user_id, video_id[, time_ms]) pair of ``pairs_path`` and return the manifest.
 
@@ -158,7 +166,7 @@ def score(run_dir, data_dir, pairs_path, out_dir, backend: Optional[str] = None,
         info = dist_.DistInfo(int(rank), int(world_size), info.local_rank, info.local_world_size)
         device = dist_.device_for(device, info)
     scorer = Scorer.from_run(run_dir, data_dir, device=device, backend=backend, batch_size=batch_size,
-                             which=which, fast=fast, max_batch_bytes=max_batch_bytes)
+                             which=which, fast=fast, max_batch_bytes=max_batch_bytes, precision=precision)
     return run_dataset(scorer, pairs_path, out_dir, part_rows=part_rows, overwrite=overwrite, progress=progress,
                        rank=rank, world_size=world_size, on_unknown=on_unknown, prefetch=prefetch,
                        on_part=on_part, keep_columns=keep_columns, t_begin=t_begin)

@@ -24,7 +24,8 @@ def score_from_args(a) -> dict:
         return score(a.run_dir, a.data, a.pairs, a.out, backend=a.backend, batch_size=a.batch_size, device=a.device,
                      part_rows=a.part_rows, overwrite=a.overwrite, progress=not a.quiet, rank=info.rank,
                      world_size=info.world_size, on_unknown=a.on_unknown, which=a.which,
-                     prefetch=not a.no_prefetch, keep_columns=getattr(a, "keep_columns", None))
+                     prefetch=not a.no_prefetch, keep_columns=getattr(a, "keep_columns", None),
+                     precision=getattr(a, "precision", None))
 
 
 def main(argv=None) -> int:

@@ -11,6 +11,7 @@ from typing import Callable
 import numpy as np
 
 from segfast.scoring.common import MAX_SLOTS, TIME_COLUMN
+from segfast import precision as sfprec
 from segfast.scoring.forward import forward
 
 __all__ = ["Job", "part_table"]
@@ -37,8 +38,10 @@ def part_table(ctx: dict):
 class Job:
     """Scores parts of ``pairs`` (any segfast.scoring.pairs source) with ``model``."""
 
-    def __init__(self, model, index, pairs, assembler, fast, device, batch_size, part_rows, progress, rank):
+    def __init__(self, model, index, pairs, assembler, fast, device, batch_size, part_rows, progress, rank,
+                 precision: str = "fp32"):
         self.model, self.ix, self.pairs, self.asm = model, index, pairs, assembler
+        self.precision = precision  # autocast of the model call (segfast.precision)
         self.fast, self.device, self.batch_size, self.part_rows = fast, device, batch_size, part_rows
         self.progress, self.rank = progress, rank
         self.t_produce = 0.0
@@ -160,7 +163,9 @@ class Job:
                     t["wait_s"] += t1 - t0
                     if kind == "batch":
                         dev = {k: v.to(self.device, non_blocking=cuda) for k, v in batch.items()}
-                        logits = forward(self.model, dev, self.fast).float().cpu().numpy()
+                        with sfprec.autocast(self.device, self.precision):
+                            logits = forward(self.model, dev, self.fast)
+                        logits = logits.float().cpu().numpy()
                         t2 = time.perf_counter()
                         t["compute_s"] += t2 - t1
                         self._fill(ctx, sel, logits)

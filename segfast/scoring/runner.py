@@ -46,7 +46,8 @@ def _merge(out: Path, man0: dict, my_records: list, timing: dict, gpu, scorer, i
         "complete": len(parts) == n_parts,
         "rows_scored": int(sum(r["rows"] for r in parts.values())),
         "rows_rejected": int(sum(r["rejected"] for r in parts.values())),
-        "backend": scorer.backend, "device": scorer.device, "batch_size": int(scorer.batch_size),
+        "backend": scorer.backend, "device": scorer.device, "precision": scorer.precision,
+        "batch_size": int(scorer.batch_size),
         "effective_batch_size": scorer.effective_batch_size, "fast_path": scorer.fast,
         "world_size": int(world_size),
         "timing": {"this_run_pairs": scored, "wall_s": round(time.perf_counter() - t_begin, 3),
@@ -101,6 +102,8 @@ def run_dataset(scorer, pairs, out_dir, *, part_rows: int = DEFAULT_PART_ROWS, o
             "input": src.identity(),
             "part_rows": int(part_rows), "on_unknown": on_unknown,
         }
+        if scorer.precision != "fp32":  # (fp32: absent, so that an output from before --precision resumes)
+            identity["precision"] = scorer.precision
         if src.keep:  # only when asked, so that a version-1 output of the same job still resumes
             identity["keep_columns"] = list(src.keep)
         rej_path = out / REJECTED_DIR / REJECTED_FILE
@@ -169,7 +172,7 @@ def run_dataset(scorer, pairs, out_dir, *, part_rows: int = DEFAULT_PART_ROWS, o
             torch.cuda.reset_peak_memory_stats(device)
         monitor = GpuMonitor(device) if cuda else None
         job = Job(scorer.model, scorer.index, src, scorer.assembler(), scorer.fast, device,
-                  scorer.effective_batch_size, int(part_rows), progress, rank)
+                  scorer.effective_batch_size, int(part_rows), progress, rank, precision=scorer.precision)
         try:
             timing = job.run(mine, sink, prefetch=prefetch)
             timing["setup_s"] = round(time.perf_counter() - t_begin - timing["wall_s"], 3)
