@@ -112,6 +112,18 @@ def add_score_arguments(p, out_help: str = "output directory (Parquet parts + _m
                        help="input rows per output part (the unit of resumption and sharding)")
         p.add_argument("--keep-columns", default=None, metavar="A,B",
                        help="extra input columns to carry through to the output parts")
+        r = p.add_argument_group("Ray engine (--engine ray, needs the extra segfast[ray]; docs/scoring.md)")
+        r.add_argument("--engine", choices=["local", "ray"], default="local",
+                       help="local: this process (or torchrun ranks); ray: Ray Data actors, one model each")
+        r.add_argument("--ray-address", default=None, metavar="ADDR",
+                       help="a running Ray cluster ('auto', 'ray://host:10001'); default: start a local one")
+        r.add_argument("--actors", type=int, default=2, metavar="N", help="scoring actors (one model each)")
+        r.add_argument("--gpus-per-actor", type=float, default=None, metavar="G",
+                       help="GPUs per actor (default: 1 when the cluster has GPUs, else 0)")
+        r.add_argument("--cpus-per-actor", type=float, default=1.0, metavar="C",
+                       help="CPUs per actor (also its torch threads); the read / write tasks need 0.25 each")
+        r.add_argument("--ray-batch-rows", type=int, default=65_536, metavar="R",
+                       help="rows per Ray block and per actor call (about one output part)")
     p.add_argument("--on-unknown", choices=list(ON_UNKNOWN), default="error",
                    help="pairs with a user or video the dataset does not know: refuse the input (error) or "
                         "leave them out and list them (skip)")

@@ -9,7 +9,8 @@ Modules, one concern each: ``common`` (constants, errors, file helpers), ``pairs
 and histories of the prepared dataset), ``batches`` (batch assembly and the feature store seam), ``forward``
 (the model call), ``validate`` (the validation pass and rejected rows), ``job`` (reader thread + model loop),
 ``outdir`` (output directory, identity, resume, layout migration), ``runner`` (the dataset job), ``gpu``
-(GPU monitor), ``api`` (``Scorer``, ``score``), ``command`` (the command line).
+(GPU monitor), ``api`` (``Scorer``, ``score``), ``command`` (the command line), ``ray_engine`` (Ray Data:
+``ScoreBatches`` for ``map_batches``, ``score_ray`` = ``segfast score --engine ray``; lazily exported).
 """
 from __future__ import annotations
 
@@ -23,3 +24,11 @@ from segfast.scoring.pairs import PairsFile, ParquetPairs, TablePairs
 __all__ = ["Scorer", "score", "resolve_device", "latest_visual_histories", "ParquetPairs", "TablePairs", "PairsFile",
            "ScoreInputError", "UnknownIdsError", "OutDirError", "DEFAULT_PART_ROWS", "DEFAULT_BATCH_BYTES",
            "OUTPUT_COLUMNS", "ON_UNKNOWN", "FORMAT", "VERSION", "MANIFEST", "REJECTED_DIR", "MAX_SLOTS"]
+
+
+def __getattr__(name):  # the Ray engine, loaded on first use (it needs the optional extra segfast[ray] to run)
+    if name in ("ScoreBatches", "score_ray"):
+        from segfast.scoring import ray_engine
+
+        return getattr(ray_engine, name)
+    raise AttributeError(f"module 'segfast.scoring' has no attribute {name!r}")

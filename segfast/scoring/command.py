@@ -19,6 +19,10 @@ def score_from_args(a) -> dict:
     from segfast import distributed as dist_
     from segfast.scoring.api import score
 
+    if getattr(a, "engine", "local") == "ray":  # Ray Data actors (segfast.scoring.ray_engine)
+        from segfast.scoring.ray_engine import score_from_args as score_ray_from_args
+
+        return score_ray_from_args(a)
     info = dist_.env_info()
     with dist_.process_group(a.device):
         return score(a.run_dir, a.data, a.pairs, a.out, backend=a.backend, batch_size=a.batch_size, device=a.device,
