@@ -1,14 +1,23 @@
 """Batch assembly throughput on one core: ID-only and visual (40 + up to 100 vectors of 1024 features).
 
 Builds a synthetic SegMM-like prepared dataset (random float16 features, default 20K videos) with
-``prepare_raw`` in a temp dir, then times ``BatchAssembler.assemble`` over shuffled train batches.
-Targets (SPEC/brief): >= 200,000 rows/s ID-only, >= 20,000 rows/s visual.
+``prepare_raw`` in a temp dir, then times, over shuffled batches of ``--batch`` rows, one thread:
 
-    python bench/bench_batches.py [--users 200] [--per-user 1000] [--videos 20000] [--batch 1024]
+- training batches (``segfast.data.batches.BatchAssembler``): ID-only; visual / both with the device-resident
+  feature store (``feature_rows=True``: integer feature rows only, the host touches no feature bytes; the
+  batch of a "both" model is the visual one); and the host-gathered float16 / float32 feature batches;
+- scoring batches (``segfast.scoring.batches.Assembler``, unique batches as ``segfast score`` builds them) for
+  id, visual and both models over random (user, video, history position) pairs, with a resident store.
+
+Targets (issue 14): >= 1,000,000 rows/s for every modality with the resident store (SPEC: >= 200,000 ID-only,
+>= 20,000 with host-gathered features).
+
+    python bench/bench_batches.py [--users 200] [--per-user 1000] [--videos 20000] [--batch 1024] [--json f]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
@@ -19,6 +28,7 @@ import numpy as np
 import torch
 
 from segfast.data.batches import BatchAssembler
+from segfast.features import FeatureStore
 from segfast.data.prepared import load_prepared, prepare_raw
 from segfast.data.sources import RawInteractions
 
@@ -61,6 +71,39 @@ def rate(asm: BatchAssembler, rows: np.ndarray, batch: int, min_s: float = 3.0) 
                 return done / (time.perf_counter() - t0)
 
 
+def score_rate(p, store, modality: str, batch: int, min_s: float = 3.0, seed: int = 2) -> float:
+    """Rows/s of the scorer's batch assembly (unique batches) for a ``modality`` model over random pairs."""
+    from segfast.model import ModelConfig
+    from segfast.scoring.batches import Assembler
+    from segfast.scoring.index import IdIndex
+
+    cfg = ModelConfig(modality=modality, n_users=p.n_users, n_videos=p.n_videos,
+                      feature_dim=None if modality == "id" else p.feature_dim)
+    ix = IdIndex(p, cfg.uses_visual, cfg.max_user_tokens)
+    asm = Assembler(ix, p, cfg, fast=True, pin=False, features=store if cfg.uses_visual else None)
+    rng = np.random.default_rng(seed)
+    n = 64 * batch
+    u = rng.integers(0, p.n_users, n)
+    v = rng.integers(0, p.n_videos, n)
+    v = v[ix.feat_off[v] >= 0] if cfg.uses_visual else v
+    n = v.shape[0] - v.shape[0] % batch
+    u, v = u[:n], v[:n]
+    pos = rng.integers(0, ix.count[u] + 1)  # a history position of the user (count = all of them: "latest")
+    nseg = ix.nseg[v]
+    # the scorer buckets each part by N before batching
+    order = np.argsort(nseg, kind="stable")
+    rows_in, u, v, nseg, pos = np.arange(n)[order], u[order], v[order], nseg[order], pos[order]
+    asm.assemble(rows_in[:batch], u[:batch], v[:batch], nseg[:batch], pos[:batch])
+    done, t0 = 0, time.perf_counter()
+    while True:
+        for i in range(0, n, batch):
+            sl = slice(i, i + batch)
+            asm.assemble(rows_in[sl], u[sl], v[sl], nseg[sl], pos[sl])
+            done += batch
+            if time.perf_counter() - t0 >= min_s:
+                return done / (time.perf_counter() - t0)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--users", type=int, default=200)
@@ -70,6 +113,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--keep", help="prepared dir to (re)use instead of a temp dir")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (index_select gathers in parallel)")
+    ap.add_argument("--skip-host-gather", action="store_true", help="skip the (slow) host-gathered feature rows")
+    ap.add_argument("--json", default=None, help="write the rates here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     tmp = None
@@ -87,12 +132,31 @@ def main(argv=None) -> int:
         rows = np.random.default_rng(1).permutation(p.rows("train"))
         print(f"{p}; train rows {rows.shape[0]}, mean vhist_len "
               f"{p.interactions['vhist_len'][rows].mean():.1f}, mean N {p.interactions['n_segments'].mean():.1f}")
-        r = rate(BatchAssembler(p, features=False), rows, args.batch)
-        print(f"ID-only:              {r:12,.0f} rows/s (target >= 200,000)")
-        r = rate(BatchAssembler(p, features=True, feature_dtype=None), rows, args.batch)
-        print(f"visual, float16 out:  {r:12,.0f} rows/s (target >= 20,000)")
-        r = rate(BatchAssembler(p, features=True, feature_dtype=torch.float32), rows, args.batch)
-        print(f"visual, float32 out:  {r:12,.0f} rows/s")
+        res = {}
+
+        def show(key, r, note=""):
+            res[key] = round(r, 1)
+            print(f"{key:34s} {r:12,.0f} rows/s {note}", flush=True)
+
+        # a resident store (CPU, the stored float16: the host-side assembly does not depend on its device)
+        t0 = time.perf_counter()
+        store = FeatureStore(p.features, "cpu", dtype=torch.float16)
+        print(f"{store} built in {time.perf_counter() - t0:.1f} s")
+        show("train id", rate(BatchAssembler(p, features=False), rows, args.batch), "(target >= 1,000,000)")
+        r = rate(BatchAssembler(p, features=True, feature_rows=True), rows, args.batch)
+        show("train visual, resident store", r, "(target >= 1,000,000)")
+        show("train both, resident store", r, "(the same batch as visual)")
+        for modality in ("id", "visual", "both"):
+            show(f"score {modality}" + (", resident store" if modality != "id" else ""),
+                 score_rate(p, store, modality, args.batch), "(target >= 1,000,000)")
+        if not args.skip_host_gather:
+            show("train visual, host float16 out",
+                 rate(BatchAssembler(p, features=True, feature_dtype=None), rows, args.batch))
+            show("train visual, host float32 out",
+                 rate(BatchAssembler(p, features=True, feature_dtype=torch.float32), rows, args.batch))
+        if args.json:
+            Path(args.json).write_text(json.dumps({"threads": args.threads, "batch": args.batch,
+                                                   "rows_per_s": res}, indent=2) + "\n")
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)

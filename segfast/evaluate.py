@@ -564,8 +564,14 @@ def evaluate_run(data_dir, run_dir, split: str = "test", batch_size: int = 1024,
             mc = getattr(model, "config", None)
             feats = mc.uses_visual if mc is not None else None  # an ID model needs no feature gather
             mut = {"max_user_tokens": mc.max_user_tokens} if mc is not None else {}
+            store = None
+            if feats and hasattr(model, "set_feature_store"):  # features on the device (segfast.features)
+                from segfast.features import FeatureStore
+                store = FeatureStore(prepared.features, dev)
+                model.set_feature_store(store)
             for batch in make_loader(prepared, split, batch_size, shuffle=False, features=feats,
-                                     exclude_full_40=True, **mut):
+                                     exclude_full_40=True, feature_rows=store is not None and store.resident,
+                                     **mut):
                 cpu = {k: batch[k] for k in ("row", "target", "n_segments", "is_cold") if k in batch}
                 if dev.type != "cpu":
                     batch = {k: (v.to(dev, non_blocking=True) if torch.is_tensor(v) else v)

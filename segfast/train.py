@@ -227,12 +227,16 @@ def _check_out_dir(out: Path, mc: ModelConfig, tc: TrainConfig, data: dict, prec
     return state_dir(out, "last") is not None
 
 
-def _check_finite(batch: dict, data_dir) -> None:
+def _check_finite(batch: dict, data_dir, store=None) -> None:
     for key in ("video_feat", "user_feat"):
         t = batch.get(key)
-        if t is None:
+        if t is None and store is not None and key + "_rows" in batch:  # row indices: the store's finite rows
+            rows = batch[key + "_rows"]
+            ok = torch.from_numpy(store.finite_rows()[rows.numpy()].reshape(rows.shape[0], -1).all(axis=1))
+        elif t is None:
             continue
-        ok = torch.isfinite(t).flatten(1).all(dim=1)
+        else:
+            ok = torch.isfinite(t).flatten(1).all(dim=1)
         if not bool(ok.all()):
             i = int((~ok).nonzero()[0, 0])
             row = int(batch["row"][i])
@@ -252,7 +256,7 @@ def evaluate_dev(model: SegInterestModel, loader, device, seed: int, data_dir=""
     try:
         with torch.no_grad():
             for batch in loader:
-                _check_finite(batch, data_dir)
+                _check_finite(batch, data_dir, getattr(model, "feature_store", None))
                 with sfprec.autocast(device, precision):
                     out = model(batch_to(batch, device))
                 logits.append(out.float().cpu())
@@ -358,9 +362,14 @@ def _train(data_dir, out_dir, model_config: ModelConfig, tc: TrainConfig, progre
                                  f"target < {MAX_SLOTS}); cannot train")
 
     features = mc.uses_visual
+    store = None
+    if features:  # the features on the training device; batches carry row indices (segfast.features)
+        from segfast.features import FeatureStore
+        store = FeatureStore(prepared.features, device)
     gen = torch.Generator().manual_seed(tc.seed)
     loader_kw = dict(features=features, num_workers=tc.num_workers, exclude_full_40=True,
-                     max_user_tokens=mc.max_user_tokens, generator=gen, pin_memory=device.type == "cuda")
+                     max_user_tokens=mc.max_user_tokens, generator=gen, pin_memory=device.type == "cuda",
+                     feature_rows=store is not None and store.resident)
     train_loader = make_loader(prepared, "train", tc.batch_size, shuffle=True, seed=tc.seed, **loader_kw)
     dev_loader = make_loader(prepared, "dev", tc.eval_batch_size or 2 * tc.batch_size, shuffle=False, **loader_kw)
     steps_per_epoch = len(train_loader)
@@ -371,6 +380,7 @@ def _train(data_dir, out_dir, model_config: ModelConfig, tc: TrainConfig, progre
         np.random.seed(tc.seed)
         model = SegInterestModel(mc).to(device)
         model.set_seen_videos(np.asarray(prepared.videos["n_train"]) > 0)  # a resume reloads the same flags
+        model.set_feature_store(store)
         opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
         scaler = sfprec.grad_scaler(device, precision)  # fp16 only
         st = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_ndcg5": None, "best_step": None,
@@ -521,12 +531,12 @@ def _train(data_dir, out_dir, model_config: ModelConfig, tc: TrainConfig, progre
                         batch, n_real = batch
                         kept = int((batch["target"] < MAX_SLOTS).sum()) if n_real else 0
                         try:
-                            _check_finite(batch, data_dir)
+                            _check_finite(batch, data_dir, store)
                             bad = None
                         except TrainDataError as e:  # raised on every rank after the all_reduce below
                             bad = e
                     else:
-                        _check_finite(batch, data_dir)
+                        _check_finite(batch, data_dir, store)
                     batch = batch_to(batch, device, non_blocking=True)
                     if ddp:
                         torch.manual_seed(_step_seed(tc.seed, info.rank, st["step"]))

@@ -6,6 +6,10 @@ Choices fixed here (docs/internals.md style):
   profile) truncated to the first ``max_user_tokens`` entries; M = max length in the batch (>= 1).
 - ``feature_dtype=None`` keeps the stored dtype (float16 by default), which is what makes visual batches
   fast; float32 costs one extra conversion pass.
+- ``feature_rows=True``: the host touches no feature bytes. A visual batch carries ``video_feat_rows`` [B, 40]
+  and ``user_feat_rows`` [B, M] (int64 rows of ``prepared.features``; padding = ``len(features)``, the zero
+  row of :class:`segfast.features.FeatureStore`) instead of ``video_feat`` / ``user_feat``; the model gathers
+  them from its attached store on the device (docs/internals.md, "Batch contract").
 - The loader's sampler runs in the main process and yields whole row arrays; each worker assembles
   whole batches (``batch_size=None``). The row order is a function of (seed, epoch) only; call
   ``loader.set_epoch(e)`` before each epoch (the order stays at epoch 0 otherwise, like
@@ -24,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from segfast import MAX_SLOTS
 from segfast.data.prepared import Prepared, load_prepared
 
-__all__ = ["BatchAssembler", "BatchSampler", "RowBatchDataset", "SegLoader", "make_loader"]
+__all__ = ["BatchAssembler", "BatchSampler", "RowBatchDataset", "SegLoader", "history_rows", "make_loader"]
 
 HIST_SLOTS = 50
 _SLOTS = np.arange(MAX_SLOTS, dtype=np.int64)
@@ -35,7 +39,8 @@ class BatchAssembler:
     """Turns arrays of interaction row numbers into batch dicts of torch tensors."""
 
     def __init__(self, prepared: Prepared | str | Path, features: bool | None = None,
-                 max_user_tokens: int = 100, feature_dtype: torch.dtype | None = torch.float32):
+                 max_user_tokens: int = 100, feature_dtype: torch.dtype | None = torch.float32,
+                 feature_rows: bool = False):
         if not isinstance(prepared, Prepared):
             prepared = load_prepared(prepared)
         self.prepared = prepared
@@ -48,6 +53,7 @@ class BatchAssembler:
         self.features = bool(features)
         self.max_user_tokens = int(max_user_tokens)
         self.feature_dtype = feature_dtype
+        self.feature_rows = bool(feature_rows) and self.features
         self._init_arrays()
 
     def _init_arrays(self) -> None:
@@ -74,7 +80,7 @@ class BatchAssembler:
     # workers under spawn/forkserver: pickle the prepared dataset by path and rebuild the arrays
     def __getstate__(self):
         return {"prepared": self.prepared, "features": self.features, "max_user_tokens": self.max_user_tokens,
-                "feature_dtype": self.feature_dtype}
+                "feature_dtype": self.feature_dtype, "feature_rows": self.feature_rows}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -89,13 +95,14 @@ class BatchAssembler:
         n = self._nseg[rows]
         y = self._target[rows]
         slot_mask = _SLOTS[None, :] < n[:, None]
-        labels = np.full((b, MAX_SLOTS), -1, dtype=np.int8)
-        labels[_SLOTS[None, :] < y[:, None]] = 1
-        labels[(_SLOTS[None, :] == y[:, None]) & (y < n)[:, None]] = 0
+        labels = (_SLOTS[None, :] < y[:, None]).view(np.int8)  # 1 before the leave slot, -1 after ...
+        labels *= 2
+        labels -= 1
+        k = np.flatnonzero(y < n)
+        labels[k, y[k]] = 0  # ... and 0 at it (a real slot)
         hl = self._hl[rows]
         hmask = _HSLOTS[None, :] < hl[:, None]
-        hidx = np.where(hmask, rows[:, None] - hl[:, None] + _HSLOTS[None, :], 0)
-        hvid = np.where(hmask, self._video[hidx], 0)
+        hvid = history_rows(self._video, rows - hl, hl, HIST_SLOTS, 0)  # the row's previous hl rows
         batch = {
             "row": torch.from_numpy(rows),
             "user_idx": torch.from_numpy(self._user[rows]),
@@ -109,9 +116,23 @@ class BatchAssembler:
             "hist_video_idx": torch.from_numpy(hvid),
             "hist_mask": torch.from_numpy(hmask),
         }
-        if self.features:
+        if self.feature_rows:
+            batch.update(self._feature_rows(rows, n, slot_mask))
+        elif self.features:
             batch.update(self._assemble_features(rows, n, slot_mask))
         return batch
+
+    def _feature_rows(self, rows, n, slot_mask) -> dict:
+        """Integer feature rows only (pad = the store's zero row ``len(features)``): no feature bytes read."""
+        pad = self._feat.shape[0]
+        ln = self._vhlen[rows]
+        m = max(int(ln.max()) if rows.shape[0] else 0, 1)
+        umask = np.arange(m, dtype=np.int64)[None, :] < ln[:, None]
+        frows = self._foff[rows][:, None] + _SLOTS[None, :]
+        np.copyto(frows, pad, where=~slot_mask)
+        urows = history_rows(self._vhist, self._vhoff[rows], ln, m, pad)
+        return {"video_feat_rows": torch.from_numpy(frows), "user_feat_rows": torch.from_numpy(urows),
+                "user_mask": torch.from_numpy(umask)}
 
     def _gather(self, frows: np.ndarray, mask: np.ndarray, slot: int) -> torch.Tensor:
         """features[frows] with zeros where ~mask (frows valid everywhere), shape frows.shape + (F,)."""
@@ -150,6 +171,30 @@ class BatchAssembler:
             urows = np.where(umask, self._vhist[np.minimum(vidx, self._vhist.shape[0] - 1)], 0)
         user_feat = self._gather(urows, umask, 2)
         return {"video_feat": video_feat, "user_feat": user_feat, "user_mask": torch.from_numpy(umask)}
+
+
+def history_rows(src: np.ndarray, off: np.ndarray, ln: np.ndarray, m: int, pad: int) -> np.ndarray:
+    """[n, m] int64: row i = ``src[off[i]:off[i] + ln[i]]`` followed by ``pad`` (ln[i] <= m).
+
+    One fancy index over a sliding-window view of ``src`` (a copy of m contiguous entries per row), about 4x
+    faster than gathering n x m computed indices; the few rows whose window would run past the end of ``src``
+    take the element-wise path."""
+    n = off.shape[0]
+    ar = np.arange(m, dtype=np.int64)
+    tail = off + m > src.shape[0]
+    if src.shape[0] >= m and not tail.all():
+        out = np.lib.stride_tricks.sliding_window_view(src, m)[np.where(tail, 0, off)]
+        if out.dtype != np.int64:
+            out = out.astype(np.int64)
+    else:
+        out = np.empty((n, m), dtype=np.int64)
+        tail = np.ones(n, dtype=bool)
+    if tail.any() and src.shape[0]:
+        idx = np.minimum(off[tail][:, None] + ar[None, :], src.shape[0] - 1)
+        out[tail] = src[idx]
+    if n and int(ln.min()) < m:
+        np.copyto(out, pad, where=ar[None, :] >= ln[:, None])
+    return out
 
 
 class _BufferPool:
@@ -231,18 +276,19 @@ class SegLoader(DataLoader):
 def make_loader(prepared_or_dir, split, batch_size: int, shuffle: bool = False, seed: int = 0,
                 features: bool | None = None, num_workers: int = 0, drop_last: bool = False,
                 exclude_full_40: bool = False, *, feature_dtype: torch.dtype | None = torch.float32,
-                max_user_tokens: int = 100, **loader_kwargs) -> SegLoader:
+                max_user_tokens: int = 100, feature_rows: bool = False, **loader_kwargs) -> SegLoader:
     """DataLoader over the rows of ``split`` whose items are batch dicts (docs/internals.md section 3).
 
     ``exclude_full_40`` drops rows with target == 40 (full watches of 40-segment videos), which are
-    excluded from loss and evaluation anyway.
+    excluded from loss and evaluation anyway. ``feature_rows``: batches of feature row indices (for a model
+    with an attached feature store) instead of gathered features.
     """
     prepared = prepared_or_dir if isinstance(prepared_or_dir, Prepared) else load_prepared(prepared_or_dir)
     rows = prepared.rows(split)
     if exclude_full_40:
         rows = rows[prepared.interactions["target"][rows] < MAX_SLOTS]
     asm = BatchAssembler(prepared, features=features, max_user_tokens=max_user_tokens,
-                         feature_dtype=feature_dtype)
+                         feature_dtype=feature_dtype, feature_rows=feature_rows)
     sampler = BatchSampler(rows, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last)
     return SegLoader(RowBatchDataset(asm), batch_size=None, sampler=sampler, num_workers=num_workers,
                      **loader_kwargs)

@@ -17,12 +17,13 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+import segfast.ops as ops
 from segfast.model.config import ModelConfig
 from segfast.model.decoder import SegmentDecoder
 from segfast.model.encoder import Encoder
 from segfast.model.representation import IDRepresentation, VisualRepresentation
 
-__all__ = ["SegInterestModel", "batch_to"]
+__all__ = ["SegInterestModel", "batch_to", "expand_unique"]
 
 _INDEX_KEYS = ("row", "user_idx", "video_idx", "n_segments", "slot_index", "target")
 
@@ -31,6 +32,21 @@ def batch_to(batch: dict, device, non_blocking: bool = False) -> dict:
     """The batch with every tensor on ``device``."""
     return {k: (v.to(device, non_blocking=non_blocking) if isinstance(v, Tensor) else v)
             for k, v in batch.items()}
+
+
+_UNIQUE = {"video_feat_u": "video_inv", "video_feat_rows_u": "video_inv", "user_feat_u": "user_inv",
+           "user_feat_rows_u": "user_inv", "user_mask_u": "user_inv"}
+
+
+def expand_unique(batch: dict) -> dict:
+    """A unique batch (docs/internals.md) as the equivalent per-row batch: every per-distinct entry expanded by
+    its inverse index (the reference the unique forward is tested against)."""
+    out = {k: v for k, v in batch.items() if k not in _UNIQUE and k not in
+           ("video_inv", "user_inv", "video_idx_u", "user_idx_u")}
+    for key, inv in _UNIQUE.items():
+        if key in batch:
+            out[key[:-2]] = batch[key][batch[inv].long()]
+    return out
 
 
 def _mix64(x: Tensor) -> Tensor:
@@ -61,6 +77,11 @@ class SegInterestModel(nn.Module):
         self.visual = _ModalityEncoder(config, "visual") if config.uses_visual else None
         self.id = _ModalityEncoder(config, "id") if config.uses_id else None
         self.decoder = SegmentDecoder(config)
+        self.feature_store = None  # a segfast.features.FeatureStore (not a parameter, not saved)
+
+    # batches of unique videos / users plus inverse indices (docs/internals.md, "Batch contract") go through
+    # _encode_unique; the scorer sends them to any model that sets this
+    accepts_unique_batches = True
 
     # ---------------------------------------------------------------- helpers
     @property
@@ -89,21 +110,38 @@ class SegInterestModel(nn.Module):
             if enc is not None:
                 enc.encoder.set_backend(name)
 
-    def _check_batch(self, batch: dict) -> None:
+    def set_feature_store(self, store) -> None:
+        """Attach the feature store that batches of feature row indices (``video_feat_rows``...) are gathered
+        from (a :class:`segfast.features.FeatureStore` on this model's device; None detaches)."""
+        if store is not None and self.config.uses_visual and store.dim != self.config.feature_dim:
+            raise ValueError(f"feature store of dimension {store.dim}, the model expects {self.config.feature_dim}")
+        self.feature_store = store
+
+    def _check_batch(self, batch: dict, unique: bool = False) -> None:
         cfg = self.config
-        need = ["slot_mask", "slot_index", "target"]
+        sfx = "_u" if unique else ""
+        need = ["slot_mask", "slot_index"] + (["video_inv", "user_inv"] if unique else ["target"])
         if cfg.uses_id:
-            need += ["user_idx", "video_idx"]
+            need += ["user_idx", "video_idx"] + (["user_idx_u", "video_idx_u"] if unique else [])
         if cfg.uses_visual:
-            need += ["video_feat", "user_feat", "user_mask"]
+            for key in ("video_feat", "user_feat"):
+                if key + sfx not in batch and key + "_rows" + sfx not in batch:
+                    need.append(key + sfx)
+            need.append("user_mask" + sfx)
         missing = [k for k in need if k not in batch]
         if missing:
             extra = " (the batch has no features: load it with features=True)" if cfg.uses_visual and \
-                "video_feat" in missing else ""
+                "video_feat" + sfx in missing else ""
             raise KeyError(f"batch lacks {missing} needed by a {cfg.modality!r} model{extra}")
         sm = batch["slot_mask"]
-        if sm.dim() != 2 or sm.shape[1] != cfg.max_slots:
+        if unique:  # the scorer trims the slots to the batch's longest video + 1
+            if sm.dim() != 2 or not 1 <= sm.shape[1] <= cfg.max_slots:
+                raise ValueError(f"batch['slot_mask'] has shape {tuple(sm.shape)}, expected [B, S <= {cfg.max_slots}]")
+        elif sm.dim() != 2 or sm.shape[1] != cfg.max_slots:
             raise ValueError(f"batch['slot_mask'] has shape {tuple(sm.shape)}, expected [B, {cfg.max_slots}]")
+        if cfg.uses_visual and any(k.endswith("_rows" + sfx) for k in batch) and self.feature_store is None:
+            raise ValueError("the batch carries feature row indices but the model has no feature store "
+                             "(model.set_feature_store(FeatureStore(prepared.features, device)))")
         if cfg.uses_id:  # range checks where they are free (CPU tensors, before any transfer)
             for key, n in (("user_idx", cfg.n_users), ("video_idx", cfg.n_videos)):
                 t = batch[key]
@@ -116,17 +154,67 @@ class SegInterestModel(nn.Module):
         if self.config.ablation != "no-position":
             return si
         b, s = si.shape
+        full = self.config.max_slots  # a permutation of all 40 slots, cut to the batch's S (scorer batches)
         if self.training:
-            keys = torch.rand((b, s), device=si.device)
+            keys = torch.rand((b, full), device=si.device)
         else:
             row = batch.get("row")
             row = torch.zeros(b, dtype=torch.long, device=si.device) if row is None else row.long()
-            keys = _mix64(row[:, None] * s + torch.arange(s, device=si.device)[None, :] + 1)
-        return torch.argsort(keys, dim=1, stable=True)
+            keys = _mix64(row[:, None] * full + torch.arange(full, device=si.device)[None, :] + 1)
+        return torch.argsort(keys, dim=1, stable=True)[:, :s]
+
+    def _features(self, batch: dict, key: str) -> Tensor:
+        """batch[key] (features), or the store's gather of batch[key + "_rows"] (key may end in "_u")."""
+        if key in batch:
+            return batch[key]
+        base, sfx = (key[:-2], "_u") if key.endswith("_u") else (key, "")
+        return self.feature_store.gather(batch[base + "_rows" + sfx])
+
+    def _encode_unique(self, batch: dict) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """The encoder outputs of a unique batch: representation (and position embedding) once per distinct
+        video and per distinct user history, expanded by ``video_inv`` / ``user_inv``."""
+        cfg = self.config
+        slot_mask = batch["slot_mask"].bool()
+        b, s = slot_mask.shape
+        vinv, uinv = batch["video_inv"].long(), batch["user_inv"].long()
+        pos_index = self._pos_index(batch)
+        per_row_pos = cfg.ablation == "no-position"  # the slot permutation is per pair, not per video
+        nvu = None
+        x = y = None
+        if cfg.uses_visual:
+            vf = self._features(batch, "video_feat_u")
+            nvu = vf.shape[0]
+        elif cfg.uses_id:
+            nvu = batch["video_idx_u"].shape[0]
+        vmask = torch.zeros((nvu, s), dtype=torch.bool, device=slot_mask.device)
+        vmask[vinv] = slot_mask  # a video's N is the same in every pair
+        vpos = pos_index[:1].expand(nvu, s)
+        if cfg.uses_visual:
+            rep = self.visual.rep
+            vu = rep.embed(vf)
+            uu = rep.finish.finish_u(rep.embed(self._features(batch, "user_feat_u")))
+            if per_row_pos:
+                v = rep.finish.finish_v(vu[vinv], pos_index, slot_mask)
+            else:
+                v = rep.finish.finish_v(vu, vpos, vmask)[vinv]
+            x = self.visual.encoder(v, uu[uinv], slot_mask, batch["user_mask_u"].bool()[uinv])
+        if cfg.uses_id:
+            rep = self.id.rep
+            if per_row_pos:
+                v = rep.video_tokens(batch["video_idx"], pos_index, slot_mask)
+            else:
+                v = rep.video_tokens(batch["video_idx_u"], vpos, vmask)[vinv]
+            u = rep.user_tokens(batch["user_idx_u"])[uinv]
+            y = self.id.encoder(v, u, slot_mask, torch.ones((b, 1), dtype=torch.bool, device=v.device))
+        return x, y
 
     def _encode(self, batch: dict) -> tuple[Optional[Tensor], Optional[Tensor], dict]:
         self._check_batch(batch)
         batch = batch_to(batch, self.device)
+        if self.config.uses_visual:
+            for key in ("video_feat", "user_feat"):
+                if key not in batch:
+                    batch[key] = self._features(batch, key)
         slot_mask = batch["slot_mask"].bool()
         pos_index = self._pos_index(batch)
         x = self.visual(batch, pos_index, slot_mask) if self.visual is not None else None
@@ -135,7 +223,22 @@ class SegInterestModel(nn.Module):
 
     # ---------------------------------------------------------------- API
     def forward(self, batch: dict) -> Tensor:
-        """Interest logits [B, 40] (float32; padding slots included)."""
+        """Interest logits [B, 40] (float32; padding slots included); [B, S] for a unique batch with S slots.
+
+        ``batch``: a per-row batch (segfast.data.batches) or a unique batch (``video_inv`` / ``user_inv``,
+        docs/internals.md "Batch contract"); visual features as tensors or as row indices into the attached
+        feature store. Unique batches are for eval mode (dropout would be shared by duplicates)."""
+        if "video_inv" in batch:
+            if self.training:
+                raise ValueError("a unique batch (video_inv / user_inv) is for inference: call model.eval() "
+                                 "first, or train on per-row batches (expand_unique gives one)")
+            self._check_batch(batch, unique=True)
+            x, y = self._encode_unique(batch_to(batch, self.device))
+            s = batch["slot_mask"].shape[1]
+            dec = self.decoder
+            pa = None if dec.pos_a is None else dec.pos_a[:s]
+            pc = None if dec.pos_c is None else dec.pos_c[:s]
+            return ops.segment_decoder(x, y, dec.w_x, dec.w_y, dec.bias, dec.fusion, pa, pc, backend=dec.backend)
         x, y, _ = self._encode(batch)
         return self.decoder(x, y)
 

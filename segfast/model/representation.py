@@ -69,9 +69,23 @@ class _Finish(nn.Module):
         if m > self.pos_u.num_embeddings:
             raise ValueError(f"{m} user tokens in the batch, but the model has position embeddings for "
                              f"{self.pos_u.num_embeddings} (ModelConfig.max_user_tokens)")
-        v = self.drop(self.ln_v(v + self.pos_v(pos_index)))
-        u = self.drop(self.ln_u(u + self.pos_u.weight[:m].unsqueeze(0)))
-        return v, u
+        return self.finish_v(v, pos_index, slot_mask, typed=True), self.finish_u(u)
+
+    def finish_v(self, v: Tensor, pos_index: Tensor, slot_mask: Tensor = None, typed: bool = False) -> Tensor:
+        """The video tokens' half of forward (slot type unless ``typed``, position, LayerNorm, dropout)."""
+        if self.slot_type is not None and not typed:
+            if slot_mask is None:
+                raise ValueError("this model marks slot types: pass slot_mask to the representation")
+            v = v + self.slot_type(slot_types(slot_mask))
+        return self.drop(self.ln_v(v + self.pos_v(pos_index)))
+
+    def finish_u(self, u: Tensor) -> Tensor:
+        """The user tokens' half of forward (position, LayerNorm, dropout); independent of the video tokens."""
+        m = u.shape[1]
+        if m > self.pos_u.num_embeddings:
+            raise ValueError(f"{m} user tokens in the batch, but the model has position embeddings for "
+                             f"{self.pos_u.num_embeddings} (ModelConfig.max_user_tokens)")
+        return self.drop(self.ln_u(u + self.pos_u.weight[:m].unsqueeze(0)))
 
 
 class IDRepresentation(nn.Module):
@@ -92,8 +106,17 @@ class IDRepresentation(nn.Module):
 
     def forward(self, batch: dict, pos_index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """-> V [B, 40, d], U [B, 1, d], user_mask [B, 1] (all True)."""
-        vid = batch["video_idx"]
-        uid = batch["user_idx"]
+        v = self.video_tokens(batch["video_idx"], pos_index, batch["slot_mask"], finish=False)
+        u = self.user_emb(batch["user_idx"])[:, None, :]
+        v, u = self.finish(v, u, pos_index, batch["slot_mask"])
+        return v, u, torch.ones((v.shape[0], 1), dtype=torch.bool, device=v.device)
+
+    def user_tokens(self, uid: Tensor) -> Tensor:
+        """U [B, 1, d] of user ids ``uid`` [B] (finished)."""
+        return self.finish.finish_u(self.user_emb(uid)[:, None, :])
+
+    def video_tokens(self, vid: Tensor, pos_index: Tensor, slot_mask: Tensor, finish: bool = True) -> Tensor:
+        """V [B, S, d] of video ids ``vid`` [B] (finished unless ``finish=False``)."""
         b, s = pos_index.shape
         ve = self.video_emb(vid)
         if self.video_id_dropout > 0:  # 0 = the literal model: every video uses its own embedding
@@ -104,9 +127,7 @@ class IDRepresentation(nn.Module):
         ve = ve[:, None, :].expand(b, s, -1)
         se = self.slot_lin(pos_index.to(ve.dtype).unsqueeze(-1))
         v = torch.cat([ve, se], dim=-1)
-        u = self.user_emb(uid)[:, None, :]
-        v, u = self.finish(v, u, pos_index, batch["slot_mask"])
-        return v, u, torch.ones((b, 1), dtype=torch.bool, device=v.device)
+        return self.finish.finish_v(v, pos_index, slot_mask) if finish else v
 
 
 class VisualRepresentation(nn.Module):

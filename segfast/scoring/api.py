@@ -42,9 +42,11 @@ class Scorer:
 
     def __init__(self, model, meta: dict, prepared, *, run_dir, data_dir, device: str, backend: str,
                  batch_size: int, which: str = "best", fast: bool = True,
-                 max_batch_bytes: int = DEFAULT_BATCH_BYTES, precision: str = "fp32"):
-        from segfast.scoring.batches import HostFeatures, pair_bytes
-        from segfast.scoring.forward import fast_capable
+                 max_batch_bytes: int = DEFAULT_BATCH_BYTES, precision: str = "fp32",
+                 feature_memory_bytes: Optional[int] = None):
+        from segfast.features import FeatureStore
+        from segfast.scoring.batches import pair_bytes
+        from segfast.scoring.forward import accepts_unique
         from segfast.scoring.index import IdIndex
 
         self.model, self.meta, self.prepared = model, meta, prepared
@@ -53,18 +55,23 @@ class Scorer:
         self.precision = precision  # autocast of every model call (segfast.precision)
         self.config = model.config
         self.batch_size = int(batch_size)
-        self.fast = bool(fast) and fast_capable(model)
+        self.fast = bool(fast) and accepts_unique(model)
         self.index = IdIndex(prepared, self.config.uses_visual, self.config.max_user_tokens)
         self.effective_batch_size = int(max(1, min(self.batch_size,
                                                    max_batch_bytes // pair_bytes(self.config,
                                                                                  prepared.feature_dim))))
-        # the feature store: built once, shared by every batch assembler of this scorer
-        self.features = HostFeatures(prepared.features) if self.config.uses_visual else None
+        # the feature store: uploaded once to the device (or the host path when over feature_memory_bytes),
+        # shared by every batch assembler of this scorer; the model gathers from it
+        self.features = None
+        if self.config.uses_visual:
+            self.features = FeatureStore(prepared.features, device, memory_bytes=feature_memory_bytes)
+            model.set_feature_store(self.features)
 
     @classmethod
     def from_run(cls, run_dir, data_dir, device: str = "cpu", backend: Optional[str] = None,
                  batch_size: Optional[int] = None, *, which: str = "best", fast: bool = True,
-                 max_batch_bytes: int = DEFAULT_BATCH_BYTES, precision: Optional[str] = None) -> "Scorer":
+                 max_batch_bytes: int = DEFAULT_BATCH_BYTES, precision: Optional[str] = None,
+                 feature_memory_bytes: Optional[int] = None) -> "Scorer":
         """Load ``run_dir`` (``which``: "best" / "last" / "final") onto ``device`` ("cpu", "cuda[:n]", "auto")
         over the prepared dataset ``data_dir`` (checked against the run's data fingerprint).
 
@@ -73,7 +80,10 @@ class Scorer:
         batch memory stays under ``max_batch_bytes``. ``fast=False`` scores full 40-slot batches through
         ``model.score`` (the reference path). ``precision``: "fp32" / "bf16" / "fp16" autocast of the model call;
         None / "auto" = the device's default (bf16 on CUDA, fp32 on CPU), not the run's training precision.
-        It is part of an output directory's identity (a resume with another precision is refused)."""
+        It is part of an output directory's identity (a resume with another precision is refused).
+        ``feature_memory_bytes``: budget for the device-resident feature table (segfast.features; None = half the
+        free CUDA memory / a quarter of the RAM up to 8 GiB on CPU); over it, features are gathered on the host
+        (same scores; the manifest's ``feature_store.path`` says which)."""
         from segfast.checkpoint import check_compatible, load_run
         from segfast.data.prepared import load_prepared
         from segfast.ops import BACKENDS
@@ -95,7 +105,7 @@ class Scorer:
         check_backend(precision, backend)
         return cls(model, meta, prepared, run_dir=run_dir, data_dir=data_dir, device=device, backend=backend,
                    batch_size=batch_size, which=which, fast=fast, max_batch_bytes=max_batch_bytes,
-                   precision=precision)
+                   precision=precision, feature_memory_bytes=feature_memory_bytes)
 
     def assembler(self):
         """A batch assembler for this scorer (one per job: it runs in that job's reader thread)."""
@@ -147,7 +157,7 @@ def score(run_dir, data_dir, pairs_path, out_dir, backend: Optional[str] = None,
           rank: int = 0, world_size: int = 1, *, on_unknown: str = "error", which: str = "best",
           fast: bool = True, prefetch: bool = True, max_batch_bytes: int = DEFAULT_BATCH_BYTES,
           on_part: Optional[Callable[[dict], None]] = None, keep_columns=None,
-          precision: Optional[str] = None) -> dict:
+          precision: Optional[str] = None, feature_memory_bytes: Optional[int] = None) -> dict:
     """``Scorer.from_run(run_dir, data_dir, ...).score_dataset(pairs_path, out_dir, ...)``: score every
     (user_id, video_id[, time_ms]) pair of ``pairs_path`` and return the manifest.
 
@@ -166,7 +176,8 @@ def score(run_dir, data_dir, pairs_path, out_dir, backend: Optional[str] = None,
         info = dist_.DistInfo(int(rank), int(world_size), info.local_rank, info.local_world_size)
         device = dist_.device_for(device, info)
     scorer = Scorer.from_run(run_dir, data_dir, device=device, backend=backend, batch_size=batch_size,
-                             which=which, fast=fast, max_batch_bytes=max_batch_bytes, precision=precision)
+                             which=which, fast=fast, max_batch_bytes=max_batch_bytes, precision=precision,
+                             feature_memory_bytes=feature_memory_bytes)
     return run_dataset(scorer, pairs_path, out_dir, part_rows=part_rows, overwrite=overwrite, progress=progress,
                        rank=rank, world_size=world_size, on_unknown=on_unknown, prefetch=prefetch,
                        on_part=on_part, keep_columns=keep_columns, t_begin=t_begin)

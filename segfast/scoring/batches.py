@@ -1,21 +1,23 @@
 """Batch assembly: the CPU tensors of one batch of pairs, built in the reader thread.
 
-Feature gathering goes through :class:`HostFeatures` (``gather(rows, mask)`` -> a float tensor of
-``rows.shape + (dim,)`` with the masked-out rows zero). That is the seam for a device-resident feature store:
-an object with the same ``gather`` (or one that leaves integer rows in the batch for the model to gather)
-replaces it without touching the rest of the scorer.
+The batches follow the contract of docs/internals.md ("Batch contract"): with ``fast`` a unique batch (distinct
+videos and user histories plus inverse indices: the model does the per-distinct work once), else a per-row
+batch of 40 slots (``model.score``'s reference path). Visual features travel as integer row indices into the
+:class:`segfast.features.FeatureStore` (``*_rows`` keys, padding = ``store.pad_row``) that the model gathers on
+its device; when the store fell back to host gathering (``store.path == "host"``) this thread gathers them
+(``store.host_gather``, pinned on CUDA) and the batch carries the feature tensors instead.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import numpy as np
 
+from segfast.data.batches import history_rows
 from segfast.scoring.common import MAX_SLOTS
 from segfast.scoring.index import IdIndex
 
-__all__ = ["Assembler", "HostFeatures", "pair_bytes"]
+__all__ = ["Assembler", "pair_bytes"]
 
 
 def pair_bytes(cfg, feature_dim: Optional[int]) -> int:
@@ -31,36 +33,10 @@ def pair_bytes(cfg, feature_dim: Optional[int]) -> int:
     return max(per, 1)
 
 
-class HostFeatures:
-    """The prepared segment features as a host tensor (the read-only memmap), gathered per batch on the host."""
-
-    resident = False  # True for a store whose rows already live on the scoring device
-
-    def __init__(self, features):
-        import torch
-
-        with warnings.catch_warnings():  # read-only memmap; never written
-            warnings.simplefilter("ignore", UserWarning)
-            self.table = torch.from_numpy(np.asarray(features))
-        self.dim = int(self.table.shape[1])
-
-    def gather(self, rows: np.ndarray, mask: np.ndarray):
-        """Feature rows ``rows`` (any shape) -> tensor ``rows.shape + (dim,)``; entries where ``mask`` is False
-        are zero."""
-        import torch
-
-        out = torch.index_select(self.table, 0, torch.from_numpy(np.ascontiguousarray(rows.reshape(-1))))
-        pad = np.flatnonzero(~mask.reshape(-1))
-        if pad.size:
-            out.index_fill_(0, torch.from_numpy(pad), 0)
-        return out.view(rows.shape + (self.dim,))
-
-
 class Assembler:
     """Builds the CPU tensors of one batch of pairs (in the producer thread).
 
-    ``features``: the feature store (default :class:`HostFeatures` over ``prepared.features``) for a model
-    that uses the visual modality."""
+    ``features``: the :class:`segfast.features.FeatureStore` of a model that uses the visual modality."""
 
     def __init__(self, index: IdIndex, prepared, cfg, fast: bool, pin: bool, features=None):
         self.ix = index
@@ -68,12 +44,22 @@ class Assembler:
         self.fast = fast
         self.pin = pin
         self.visual = cfg.uses_visual
-        self.features = None
-        if self.visual:
-            self.features = features if features is not None else HostFeatures(prepared.features)
+        self.features = features
+        if self.visual and features is None:
+            raise ValueError("a visual model's batches need a feature store (segfast.features.FeatureStore)")
+        self.pad = features.pad_row if self.visual else 0
+        self.host = self.visual and not features.resident
 
-    def _gather(self, rows: np.ndarray, mask: np.ndarray):
-        return self.features.gather(rows, mask)
+    def _feats(self, out: dict, base: str, sfx: str, rows: np.ndarray) -> None:
+        """``base_rows + sfx``: row indices (resident store: the model gathers them); on the host path
+        ``base + sfx``: the gathered features."""
+        import torch
+
+        t = torch.from_numpy(rows)
+        if self.host:
+            out[base + sfx] = self.features.host_gather(t)
+        else:
+            out[base + "_rows" + sfx] = t
 
     def _user_rows(self, u, p):
         """Per pair: (source array selector, offset, length) of its visual history."""
@@ -84,17 +70,18 @@ class Assembler:
         ln = np.where(latest, ix.latest_len[u], ix.vhlen[r] if ix.vhlen.size else 0)
         return latest, off, ln
 
-    def _user_feats(self, latest, off, ln):
+    def _user_feat_rows(self, latest, off, ln):
+        """([n, M] feature rows with pad_row after each history, [n, M] mask)."""
         m = max(int(ln.max()) if ln.size else 0, 1)
-        ar = np.arange(m, dtype=np.int64)
-        mask = ar[None, :] < ln[:, None]
-        idx = np.where(mask, off[:, None] + ar[None, :], 0)
-        rows = np.zeros(idx.shape, dtype=np.int64)
+        mask = np.arange(m, dtype=np.int64)[None, :] < ln[:, None]
+        if latest.all() or not latest.any():  # one source (the common case: scoring "as of now")
+            src = self.ix.latest if latest.all() else self.ix.vhist
+            return history_rows(src, off, ln, m, self.pad), mask
+        rows = np.empty(mask.shape, dtype=np.int64)
         for flag, src in ((True, self.ix.latest), (False, self.ix.vhist)):
             sel = latest == flag
-            if sel.any() and src.shape[0]:
-                rows[sel] = np.where(mask[sel], src[np.minimum(idx[sel], src.shape[0] - 1)], 0)
-        return self._gather(rows, mask), mask
+            rows[sel] = history_rows(src, off[sel], ln[sel], m, self.pad)
+        return rows, mask
 
     def assemble(self, rows_in, u, v, n, p) -> dict:
         import torch
@@ -107,33 +94,34 @@ class Assembler:
             "row": torch.from_numpy(rows_in), "user_idx": torch.from_numpy(u), "video_idx": torch.from_numpy(v),
             "n_segments": torch.from_numpy(n), "slot_mask": torch.from_numpy(slot_mask),
             "slot_index": torch.from_numpy(np.broadcast_to(slots, (b, s)).copy()),
-            "target": torch.zeros(b, dtype=torch.int64),
         }
-        if self.visual:
-            ix = self.ix
-            latest, off, ln = self._user_rows(u, p)
-            if self.fast:
-                uv, vinv = np.unique(v, return_inverse=True)
-                nv = ix.nseg[uv]
-                vmask = slots[None, :] < nv[:, None]
-                fo = ix.feat_off[uv]
-                frows = np.where(vmask, fo[:, None] + slots[None, :], fo[:, None])
-                out["video_feat_u"] = self._gather(frows, vmask)
-                out["video_inv"] = torch.from_numpy(vinv.reshape(-1).astype(np.int64))
-                ukey = ix.ustart[u] + u + p  # distinct per (user, history position)
-                _, first, uinv = np.unique(ukey, return_index=True, return_inverse=True)
-                uf, um = self._user_feats(latest[first], off[first], ln[first])
-                out["user_feat_u"] = uf
-                out["user_mask_u"] = torch.from_numpy(um)
-                out["user_inv"] = torch.from_numpy(uinv.reshape(-1).astype(np.int64))
+        if self.fast:
+            uv, vinv = np.unique(v, return_inverse=True)
+            out["video_inv"] = torch.from_numpy(vinv.reshape(-1).astype(np.int64, copy=False))
+            out["video_idx_u"] = torch.from_numpy(uv)
+            if self.visual:
+                latest, off, ln = self._user_rows(u, p)
+                ukey = self.ix.ustart[u] + u + p  # distinct per (user, history position)
             else:
-                fo = ix.feat_off[v]
-                frows = np.where(slot_mask, fo[:, None] + slots[None, :], fo[:, None])
-                out["video_feat"] = self._gather(frows, slot_mask)
-                uf, um = self._user_feats(latest, off, ln)
-                out["user_feat"] = uf
+                ukey = u
+            _, first, uinv = np.unique(ukey, return_index=True, return_inverse=True)
+            out["user_inv"] = torch.from_numpy(uinv.reshape(-1).astype(np.int64, copy=False))
+            out["user_idx_u"] = torch.from_numpy(u[first])
+            if self.visual:
+                fo = self.ix.feat_off[uv]
+                vmask = slots[None, :] < self.ix.nseg[uv][:, None]
+                self._feats(out, "video_feat", "_u", np.where(vmask, fo[:, None] + slots[None, :], self.pad))
+                ur, um = self._user_feat_rows(latest[first], off[first], ln[first])
+                self._feats(out, "user_feat", "_u", ur)
+                out["user_mask_u"] = torch.from_numpy(um)
+        else:
+            out["target"] = torch.zeros(b, dtype=torch.int64)
+            if self.visual:
+                fo = self.ix.feat_off[v]
+                self._feats(out, "video_feat", "", np.where(slot_mask, fo[:, None] + slots[None, :], self.pad))
+                ur, um = self._user_feat_rows(*self._user_rows(u, p))
+                self._feats(out, "user_feat", "", ur)
                 out["user_mask"] = torch.from_numpy(um)
         if self.pin:
-            out = {k: t.pin_memory() for k, t in out.items()}
+            out = {k: (t if t.is_pinned() else t.pin_memory()) for k, t in out.items()}
         return out
-

@@ -164,7 +164,7 @@ class Job:
                     if kind == "batch":
                         dev = {k: v.to(self.device, non_blocking=cuda) for k, v in batch.items()}
                         with sfprec.autocast(self.device, self.precision):
-                            logits = forward(self.model, dev, self.fast)
+                            logits = forward(self.model, dev)
                         logits = logits.float().cpu().numpy()
                         t2 = time.perf_counter()
                         t["compute_s"] += t2 - t1

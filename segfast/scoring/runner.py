@@ -49,6 +49,7 @@ def _merge(out: Path, man0: dict, my_records: list, timing: dict, gpu, scorer, i
         "backend": scorer.backend, "device": scorer.device, "precision": scorer.precision,
         "batch_size": int(scorer.batch_size),
         "effective_batch_size": scorer.effective_batch_size, "fast_path": scorer.fast,
+        "feature_store": None if scorer.features is None else scorer.features.describe(),
         "world_size": int(world_size),
         "timing": {"this_run_pairs": scored, "wall_s": round(time.perf_counter() - t_begin, 3),
                    "scoring_wall_s": wall,
