@@ -129,6 +129,10 @@ def add_score_arguments(p, out_help: str = "output directory (Parquet parts + _m
                         "leave them out and list them (skip)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--no-prefetch", action="store_true", help="assemble batches in the main thread")
+    from segfast.features import parse_bytes
+    p.add_argument("--feature-memory", type=parse_bytes, default=None, metavar="BYTES",
+                   help="budget for the device-resident feature table (e.g. 40G; 0 = gather on the host; default: "
+                        "half the free GPU memory, or a quarter of the RAM up to 8G on CPU)")
     if not any(a.dest == "device" for a in p._actions):
         _add_device(p)
     if not any(a.dest == "quiet" for a in p._actions):  # python -m segfast.score builds its own parser

@@ -29,7 +29,8 @@ def score_from_args(a) -> dict:
                      part_rows=a.part_rows, overwrite=a.overwrite, progress=not a.quiet, rank=info.rank,
                      world_size=info.world_size, on_unknown=a.on_unknown, which=a.which,
                      prefetch=not a.no_prefetch, keep_columns=getattr(a, "keep_columns", None),
-                     precision=getattr(a, "precision", None))
+                     precision=getattr(a, "precision", None),
+                     feature_memory_bytes=getattr(a, "feature_memory", None))
 
 
 def main(argv=None) -> int:
