@@ -6,8 +6,9 @@
     score(run_dir, data_dir, pairs, out, ...)  the two in one call (what ``segfast score`` runs)
 
 Modules, one concern each: ``common`` (constants, errors, file helpers), ``pairs`` (input), ``index`` (id maps
-and histories of the prepared dataset), ``batches`` (batch assembly and the feature store seam), ``forward``
-(the model call), ``validate`` (the validation pass and rejected rows), ``job`` (reader thread + model loop),
+and histories of the prepared dataset), ``batches`` (unique batches of integer indices; the feature store is
+``segfast.features``), ``forward`` (the model call: the forward is the model's), ``validate`` (the validation
+pass and rejected rows), ``job`` (reader thread + model loop),
 ``outdir`` (output directory, identity, resume, layout migration), ``runner`` (the dataset job), ``gpu``
 (GPU monitor), ``api`` (``Scorer``, ``score``), ``command`` (the command line), ``ray_engine`` (Ray Data:
 ``ScoreBatches`` for ``map_batches``, ``score_ray`` = ``segfast score --engine ray``; lazily exported).
