@@ -131,7 +131,7 @@ def _check_output(out_path, overwrite: bool) -> Path:
 
 def _scoring(device, progress, options: dict) -> dict:
     allowed = {"backend", "batch_size", "on_unknown", "which", "part_rows", "prefetch", "max_batch_bytes",
-               "precision"}
+               "precision", "feature_memory_bytes"}
     bad = sorted(set(options) - allowed)
     if bad:
         raise TypeError(f"unexpected scoring option(s) {bad}; expected some of {sorted(allowed)}")

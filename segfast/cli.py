@@ -320,7 +320,8 @@ def _cmd_segrec(a):
 def _app_scoring(a) -> dict:
     return dict(device=a.device, progress=not a.quiet, overwrite=a.overwrite, backend=a.backend,
                 precision=a.precision,
-                batch_size=a.batch_size, on_unknown=a.on_unknown, which=a.which, prefetch=not a.no_prefetch)
+                batch_size=a.batch_size, on_unknown=a.on_unknown, which=a.which, prefetch=not a.no_prefetch,
+                feature_memory_bytes=a.feature_memory)
 
 
 def _cmd_thumbnails(a):

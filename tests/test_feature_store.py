@@ -181,3 +181,14 @@ def test_finite_rows():
     ok = FeatureStore(table, "cpu").finite_rows()
     assert ok.shape == (71,) and ok[70]  # the padding row
     assert np.flatnonzero(~ok).tolist() == [3, 69]
+
+
+def test_thumbnails_pass_the_budget_through(world, tmp_path):
+    from segfast.apps import thumbnails
+
+    import pyarrow.parquet as pq
+
+    pairs = _pairs(world, tmp_path)
+    thumbnails(world["runs"]["visual"], world["root"] / "p", pairs, tmp_path / "a.parquet")
+    thumbnails(world["runs"]["visual"], world["root"] / "p", pairs, tmp_path / "b.parquet", feature_memory_bytes=0)
+    assert pq.read_table(tmp_path / "a.parquet").equals(pq.read_table(tmp_path / "b.parquet"))
