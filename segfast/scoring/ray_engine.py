@@ -106,6 +106,24 @@ def _actor_has_gpu() -> bool:
     return torch.cuda.is_available() and os.environ.get("CUDA_VISIBLE_DEVICES", None) != ""
 
 
+def _settle_fsspec_http() -> None:
+    """Ray's threaded file listing imports ``fsspec.implementations.http`` from several threads at once and
+    expects ModuleNotFoundError when aiohttp is missing; a thread that meets another's half-done import gets a
+    plain ImportError instead, which escapes (seen with ray 2.60, one run in three). Fail that import once here,
+    for good, when it cannot succeed anyway."""
+    import sys
+
+    name = "fsspec.implementations.http"
+    if name in sys.modules:
+        return
+    try:
+        __import__(name)
+    except ModuleNotFoundError:  # aiohttp (or fsspec) absent: every later import fails at once, the same way
+        sys.modules[name] = None
+    except ImportError:
+        pass
+
+
 def _clean_stale_stages(out: Path) -> None:
     prefix = _STAGE.format(name=out.name)
     if out.parent.is_dir():
@@ -207,6 +225,7 @@ def score_ray(run_dir, data_dir, pairs, out_dir, *, actors: int = 2, gpus_per_ac
             kw["partitioning"] = Partitioning("hive", base_dir=str(src.path))
         else:
             kw["partitioning"] = None
+        _settle_fsspec_http()
         ds = ray.data.read_parquet([str(f.path) for f in src.files], file_extensions=None, num_cpus=_IO_CPUS, **kw)
         # a pairs file is small in bytes but heavy in compute: blocks of batch_rows rows (streaming), so that every
         # actor gets work (Ray's blocks are sized by bytes: a few-million-row file would go to a single actor)
