@@ -24,7 +24,8 @@ from typing import Optional
 from segfast.scoring.common import (FORMAT, MANIFEST, ON_UNKNOWN, OUTPUT_COLUMNS, REJECTED_DIR, REJECTED_FILE,
                                     VERSION, OutDirError, atomic_json, now, part_name, read_json, sha256_file)
 
-__all__ = ["ScoreBatches", "score_ray", "score_from_args", "require_ray", "RayMissingError", "DEFAULT_BATCH_ROWS"]
+__all__ = ["ScoreBatches", "score_ray", "score_from_args", "require_ray", "RayMissingError", "settle_fsspec_http",
+           "DEFAULT_BATCH_ROWS"]
 
 DEFAULT_BATCH_ROWS = 65_536  # rows per read block and map_batches call (one Scorer.score call, ~one output part)
 _IO_CPUS = 0.25  # CPU reserved by each read / write task (the actors hold the rest)
@@ -106,7 +107,7 @@ def _actor_has_gpu() -> bool:
     return torch.cuda.is_available() and os.environ.get("CUDA_VISIBLE_DEVICES", None) != ""
 
 
-def _settle_fsspec_http() -> None:
+def settle_fsspec_http() -> None:
     """Ray's threaded file listing imports ``fsspec.implementations.http`` from several threads at once and
     expects ModuleNotFoundError when aiohttp is missing; a thread that meets another's half-done import gets a
     plain ImportError instead, which escapes (seen with ray 2.60, one run in three). Fail that import once here,
@@ -225,7 +226,7 @@ def score_ray(run_dir, data_dir, pairs, out_dir, *, actors: int = 2, gpus_per_ac
             kw["partitioning"] = Partitioning("hive", base_dir=str(src.path))
         else:
             kw["partitioning"] = None
-        _settle_fsspec_http()
+        settle_fsspec_http()
         ds = ray.data.read_parquet([str(f.path) for f in src.files], file_extensions=None, num_cpus=_IO_CPUS, **kw)
         # a pairs file is small in bytes but heavy in compute: blocks of batch_rows rows (streaming), so that every
         # actor gets work (Ray's blocks are sized by bytes: a few-million-row file would go to a single actor)
