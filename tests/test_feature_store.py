@@ -192,3 +192,27 @@ def test_thumbnails_pass_the_budget_through(world, tmp_path):
     thumbnails(world["runs"]["visual"], world["root"] / "p", pairs, tmp_path / "a.parquet")
     thumbnails(world["runs"]["visual"], world["root"] / "p", pairs, tmp_path / "b.parquet", feature_memory_bytes=0)
     assert pq.read_table(tmp_path / "a.parquet").equals(pq.read_table(tmp_path / "b.parquet"))
+
+
+def test_scoring_user_rows_mixed_sources(world):
+    """A batch mixing "latest" histories (pairs after all of a user's rows) and per-interaction histories."""
+    from segfast.model import ModelConfig
+    from segfast.scoring.batches import Assembler
+    from segfast.scoring.index import IdIndex
+
+    p = world["p"]
+    cfg = ModelConfig(modality="visual", n_users=p.n_users, n_videos=p.n_videos, feature_dim=F, max_user_tokens=9)
+    ix = IdIndex(p, True, 9)
+    store = FeatureStore(p.features, "cpu")
+    asm = Assembler(ix, p, cfg, fast=False, pin=False, features=store)
+    rng = np.random.default_rng(5)
+    u = rng.integers(0, p.n_users, 40)
+    pos = rng.integers(0, ix.count[u] + 1)
+    pos[:5] = ix.count[u[:5]]  # latest
+    latest, off, ln = asm._user_rows(u, pos)
+    assert latest.any() and not latest.all()
+    rows, mask = asm._user_feat_rows(latest, off, ln)
+    for i in range(40):
+        src = ix.latest if latest[i] else ix.vhist
+        want = list(src[off[i]:off[i] + ln[i]]) + [store.pad_row] * (rows.shape[1] - ln[i])
+        assert rows[i].tolist() == want and mask[i].sum() == ln[i]

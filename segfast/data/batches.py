@@ -192,8 +192,13 @@ def history_rows(src: np.ndarray, off: np.ndarray, ln: np.ndarray, m: int, pad: 
     if tail.any() and src.shape[0]:
         idx = np.minimum(off[tail][:, None] + ar[None, :], src.shape[0] - 1)
         out[tail] = src[idx]
-    if n and int(ln.min()) < m:
+    short = np.flatnonzero(ln < m)  # pad only the rows shorter than m (usually few: histories are capped)
+    if short.size == n:
         np.copyto(out, pad, where=ar[None, :] >= ln[:, None])
+    elif short.size:
+        sub = out[short]
+        np.copyto(sub, pad, where=ar[None, :] >= ln[short][:, None])
+        out[short] = sub
     return out
 
 

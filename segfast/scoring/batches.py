@@ -77,10 +77,11 @@ class Assembler:
         if latest.all() or not latest.any():  # one source (the common case: scoring "as of now")
             src = self.ix.latest if latest.all() else self.ix.vhist
             return history_rows(src, off, ln, m, self.pad), mask
-        rows = np.empty(mask.shape, dtype=np.int64)
-        for flag, src in ((True, self.ix.latest), (False, self.ix.vhist)):
-            sel = latest == flag
-            rows[sel] = history_rows(src, off[sel], ln[sel], m, self.pad)
+        # mixed: every row from the per-interaction histories (the "latest" rows as full garbage windows at 0),
+        # then the few "latest" rows overwritten from their own source
+        rows = history_rows(self.ix.vhist, np.where(latest, 0, off), np.where(latest, m, ln), m, self.pad)
+        li = np.flatnonzero(latest)
+        rows[li] = history_rows(self.ix.latest, off[li], ln[li], m, self.pad)
         return rows, mask
 
     def assemble(self, rows_in, u, v, n, p) -> dict:
