@@ -216,3 +216,15 @@ def test_scoring_user_rows_mixed_sources(world):
         src = ix.latest if latest[i] else ix.vhist
         want = list(src[off[i]:off[i] + ln[i]]) + [store.pad_row] * (rows.shape[1] - ln[i])
         assert rows[i].tolist() == want and mask[i].sum() == ln[i]
+
+
+def test_dedupe_against_unique():
+    from segfast.scoring.batches import dedupe
+
+    rng = np.random.default_rng(4)
+    scratch = np.full(50, 12345, dtype=np.int64)
+    for n in (0, 1, 7, 300):
+        keys = rng.integers(0, 50, n)
+        first, inv = dedupe(keys, scratch)
+        assert sorted(keys[first].tolist()) == np.unique(keys).tolist()  # each distinct key once
+        np.testing.assert_array_equal(keys[first][inv], keys)

@@ -17,7 +17,7 @@ from segfast.data.batches import history_rows
 from segfast.scoring.common import MAX_SLOTS
 from segfast.scoring.index import IdIndex
 
-__all__ = ["Assembler", "pair_bytes"]
+__all__ = ["Assembler", "dedupe", "pair_bytes"]
 
 
 def pair_bytes(cfg, feature_dim: Optional[int]) -> int:
@@ -31,6 +31,20 @@ def pair_bytes(cfg, feature_dim: Optional[int]) -> int:
         per += 4 * ((s + m) * (12 * d + ff) + 2 * (s + m) * h * (s + m))
         per += (s + m) * int(feature_dim or 0) * 10  # fp16 gather, fp32 copy, normalised copy (no dedupe)
     return max(per, 1)
+
+
+def dedupe(keys: np.ndarray, scratch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(first, inverse) of ``keys`` (ints in [0, len(scratch))): ``keys[first]`` are the distinct keys in order of
+    their last occurrence's representative, ``keys[first][inverse] == keys``. O(len(keys)) with no sort, through
+    ``scratch`` (any int64 array of that size, owned by one thread; its contents do not matter)."""
+    b = keys.shape[0]
+    ar = np.arange(b, dtype=np.int64)
+    scratch[keys] = ar  # the last pair with each key wins
+    rep = scratch[keys]
+    first = np.flatnonzero(rep == ar)
+    pos = np.empty(b, dtype=np.int64)
+    pos[first] = np.arange(first.shape[0], dtype=np.int64)
+    return first, pos[rep]
 
 
 class Assembler:
@@ -49,6 +63,7 @@ class Assembler:
             raise ValueError("a visual model's batches need a feature store (segfast.features.FeatureStore)")
         self.pad = features.pad_row if self.visual else 0
         self.host = self.visual and not features.resident
+        self._vscratch = np.empty(index.nseg.shape[0], dtype=np.int64)  # dedupe scratch (this thread only)
 
     def _feats(self, out: dict, base: str, sfx: str, rows: np.ndarray) -> None:
         """``base_rows + sfx``: row indices (resident store: the model gathers them); on the host path
@@ -97,16 +112,17 @@ class Assembler:
             "slot_index": torch.from_numpy(np.broadcast_to(slots, (b, s)).copy()),
         }
         if self.fast:
-            uv, vinv = np.unique(v, return_inverse=True)
-            out["video_inv"] = torch.from_numpy(vinv.reshape(-1).astype(np.int64, copy=False))
+            vfirst, vinv = dedupe(v, self._vscratch)
+            uv = v[vfirst]
+            out["video_inv"] = torch.from_numpy(vinv)
             out["video_idx_u"] = torch.from_numpy(uv)
-            if self.visual:
+            if self.visual:  # distinct per (user, history position)
                 latest, off, ln = self._user_rows(u, p)
-                ukey = self.ix.ustart[u] + u + p  # distinct per (user, history position)
-            else:
-                ukey = u
-            _, first, uinv = np.unique(ukey, return_index=True, return_inverse=True)
-            out["user_inv"] = torch.from_numpy(uinv.reshape(-1).astype(np.int64, copy=False))
+                _, first, uinv = np.unique(self.ix.ustart[u] + u + p, return_index=True, return_inverse=True)
+                uinv = uinv.reshape(-1).astype(np.int64, copy=False)
+            else:  # ID only: a user's token is one embedding + LayerNorm, cheaper than deduping on the host
+                first = uinv = np.arange(b, dtype=np.int64)
+            out["user_inv"] = torch.from_numpy(uinv)
             out["user_idx_u"] = torch.from_numpy(u[first])
             if self.visual:
                 fo = self.ix.feat_off[uv]
