@@ -39,3 +39,16 @@ def sample_csv() -> Path:
     if not SAMPLE_CSV.is_file():
         pytest.skip(SAMPLE_SKIP)
     return SAMPLE_CSV
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch CPU thread for a test module: deterministic and fast on a shared 2-core machine (the
+    subprocesses that tests start get OMP_NUM_THREADS=1 too). Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -54,14 +54,6 @@ def data(tmp_path_factory):
     return root / "data"
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _args(data, out, *extra):
     return ["train", "--data", str(data), "--out", str(out), *COMMON, *extra]
 

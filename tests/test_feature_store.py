@@ -4,26 +4,19 @@ batches of feature row indices give the model the same logits as gathered-featur
 from __future__ import annotations
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
 import torch
 
 from segfast.data.batches import BatchAssembler, history_rows
-from segfast.data.prepared import load_prepared, prepare_raw
 from segfast.features import FeatureStore
 from segfast.model import ModelConfig, SegInterestModel
 from segfast.scoring import Scorer
-from _fakes import RandomFeatures
-from test_score import F, _raw, _run
+from _fakes import F, interaction_pairs, prepared_world
+from _fakes import make_run as _run
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ref(table: np.ndarray, rows: np.ndarray, dtype=np.float32) -> np.ndarray:
@@ -99,11 +92,8 @@ def test_history_rows_against_loops():
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("feature_store")
-    prepare_raw(_raw(), root / "p", "segmm", seed=2, feature_source=RandomFeatures(F), progress=False)
-    p = load_prepared(root / "p")
-    it = p.interactions
-    table = pa.table({"user_id": p.users["user_id"][it["user_idx"]], "video_id": p.videos["video_id"][it["video_idx"]],
-                      "time_ms": it["time_ms"]})
+    p = prepared_world(root)
+    table = interaction_pairs(p)
     return {"root": root, "p": p, "table": table,
             "runs": {m: _run(root, p, m) for m in ("visual", "both")}}
 

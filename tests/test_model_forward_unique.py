@@ -23,12 +23,7 @@ F, S, M = 16, 40, 7
 N_USERS, N_VIDEOS, N_ROWS = 6, 9, 120
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(modality, **kw):

@@ -13,80 +13,30 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
-from segfast.checkpoint import data_fingerprint, save_model, write_run_config
 from segfast.data.batches import BatchAssembler
 from segfast.data.prepared import load_prepared, prepare_raw
-from segfast.data.sources import RawInteractions
 from segfast.evaluate import expected_leave_slot
-from segfast.model import ModelConfig, SegInterestModel
 from segfast.scoring import (MANIFEST, OutDirError, ScoreInputError, UnknownIdsError, latest_visual_histories,
                              score)
-from _fakes import RandomFeatures
+from _fakes import F, USERS, RandomFeatures, interaction_pairs, prepared_world
+from _fakes import make_run as _run, raw_interactions as _raw
 
 REPO = Path(__file__).resolve().parents[1]
-F = 16
-USERS = [4, 8, 9, 11]
-PER_USER = 130
 
 
-def _raw(extra_user=None):
-    rng = np.random.default_rng(0)
-    n = len(USERS) * PER_USER
-    vids = np.arange(100, 160)
-    vdur = rng.integers(1, 199_999, vids.size)
-    vdur[:3] = 199_999  # 40-segment videos
-    vv = rng.choice(vids, n)
-    dur = vdur[vv - 100]
-    play = np.maximum(1, (dur * rng.uniform(0.05, 1.3, n)).astype(np.int64))
-    cols = dict(user_id=np.repeat(USERS, PER_USER), video_id=vv, time_ms=rng.permutation(n) * 10 + 1000,
-                duration_ms=dur, play_time_ms=play)
-    if extra_user is not None:  # one more, latest interaction of that user, with an already known video
-        ev = vids[[5, 17, 23, 42][extra_user]]
-        extra = dict(user_id=USERS[extra_user], video_id=ev, time_ms=10**9, duration_ms=vdur[ev - 100],
-                     play_time_ms=vdur[ev - 100] // 2 + 1)
-        cols = {k: np.append(v, extra[k]) for k, v in cols.items()}
-    m = cols["user_id"].shape[0]
-    return RawInteractions(source_row=np.arange(m), rows_read=m, **cols)
-
-
-def _run(root: Path, prepared, modality: str, **kw) -> Path:
-    cfg = ModelConfig(modality=modality, d_model=16, n_heads=2, n_layers=2, d_ff=24, n_users=prepared.n_users,
-                      n_videos=prepared.n_videos, feature_dim=None if modality == "id" else F, **kw)
-    torch.manual_seed(1)
-    model = SegInterestModel(cfg)
-    with torch.no_grad():  # untrained position biases are all ones: make slots distinguishable
-        model.decoder.pos_a.normal_() if model.decoder.pos_a is not None else None
-    rd = root / f"run_{modality}_{kw.get('ablation', 'none')}"
-    rd.mkdir()
-    write_run_config(rd, cfg, None, data_fingerprint(prepared))
-    save_model(rd / "model.safetensors", model)
-    return rd
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # deterministic and fast on a shared 2-core machine; the subprocesses get OMP_NUM_THREADS=1 too
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("score")
-    prepare_raw(_raw(), root / "p", "segmm", seed=2, feature_source=RandomFeatures(F), progress=False)
-    p = load_prepared(root / "p")
+    p = prepared_world(root)
     runs = {m: _run(root, p, m) for m in ("id", "visual", "both")}
     runs["id-nopos"] = _run(root, p, "id", ablation="no-position")
-    it = p.interactions
     # every interaction as a pair, time_ms = its own time: history = the rows before it, as in training
     pairs = root / "pairs.parquet"
-    pq.write_table(pa.table({"user_id": p.users["user_id"][it["user_idx"]],
-                             "video_id": p.videos["video_id"][it["video_idx"]], "time_ms": it["time_ms"]}),
-                   pairs, row_group_size=97)
+    pq.write_table(interaction_pairs(p), pairs, row_group_size=97)
     return {"root": root, "p": p, "runs": runs, "pairs": pairs}
 
 

@@ -10,32 +10,22 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
-from segfast.data.prepared import load_prepared, prepare_raw
 from segfast.scoring import Scorer, UnknownIdsError, score
-from _fakes import RandomFeatures
-from test_score import F, _raw, _run
+from _fakes import interaction_pairs, prepared_world
+from _fakes import make_run as _run
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("scoring_api")
-    prepare_raw(_raw(), root / "p", "segmm", seed=2, feature_source=RandomFeatures(F), progress=False)
-    p = load_prepared(root / "p")
-    it = p.interactions
-    table = pa.table({"user_id": p.users["user_id"][it["user_idx"]], "video_id": p.videos["video_id"][it["video_idx"]],
-                      "time_ms": it["time_ms"], "tag": pa.array(np.arange(len(p)) % 7, pa.int16())})
+    p = prepared_world(root)
+    table = interaction_pairs(p, tag=pa.array(np.arange(len(p)) % 7, pa.int16()))
     pairs = root / "pairs.parquet"
     pq.write_table(table, pairs, row_group_size=101)
     return {"root": root, "p": p, "run": _run(root, p, "both"), "pairs": pairs, "table": table}

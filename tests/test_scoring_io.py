@@ -11,29 +11,21 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
-import torch
 
-from segfast.data.prepared import load_prepared, prepare_raw
 from segfast.scoring import MANIFEST, OutDirError, ScoreInputError, score
-from _fakes import RandomFeatures
-from test_score import F, _raw, _run
+from _fakes import prepared_world
+from _fakes import make_run as _run
 
 N_BAD = 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("scoring_io")
-    prepare_raw(_raw(), root / "p", "segmm", seed=2, feature_source=RandomFeatures(F), progress=False)
-    p = load_prepared(root / "p")
+    p = prepared_world(root)
     it = p.interactions
     n = 400
     uid = p.users["user_id"][it["user_idx"]][:n].copy()

@@ -15,11 +15,10 @@ import pytest
 ray = pytest.importorskip("ray", reason="the Ray engine needs the optional extra: pip install 'segfast[ray]'")
 pytest.importorskip("ray.data", reason="the Ray engine needs ray[data]: pip install 'segfast[ray]'")
 
-from segfast.data.prepared import load_prepared, prepare_raw  # noqa: E402
 from segfast.scoring import OutDirError, Scorer, UnknownIdsError  # noqa: E402
 from segfast.scoring.ray_engine import ScoreBatches, score_ray  # noqa: E402
-from _fakes import RandomFeatures  # noqa: E402
-from test_score import F, _raw, _run  # noqa: E402
+from _fakes import interaction_pairs, prepared_world  # noqa: E402
+from _fakes import make_run as _run  # noqa: E402
 
 KEY = [("user_id", "ascending"), ("video_id", "ascending"), ("time_ms", "ascending"), ("tag", "ascending")]
 # Scores of the same pair from differently composed batches agree to float rounding, not bit for bit: a batch
@@ -56,11 +55,8 @@ def local_ray():
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("scoring_ray")
-    prepare_raw(_raw(), root / "p", "segmm", seed=2, feature_source=RandomFeatures(F), progress=False)
-    p = load_prepared(root / "p")
-    it = p.interactions
-    table = pa.table({"user_id": p.users["user_id"][it["user_idx"]], "video_id": p.videos["video_id"][it["video_idx"]],
-                      "time_ms": it["time_ms"], "tag": pa.array(np.arange(len(p)), pa.int32())})
+    p = prepared_world(root)
+    table = interaction_pairs(p, tag=pa.array(np.arange(len(p)), pa.int32()))
     pairs = root / "pairs"  # a directory of two files
     pairs.mkdir()
     half = table.num_rows // 2

@@ -13,13 +13,8 @@ from segfast.segrec.train import (SegRec, auc, f1_score, itemposition_weights, l
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Two torch threads on a shared 2-core box oversubscribe badly (7x slower); these models are tiny."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Two torch threads on a shared 2-core box oversubscribe badly (7x slower); these models are tiny.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------- labels
