@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from bench_train_step import random_batch  # the same synthetic batch as the train-step benchmark
+
 SIZES = {  # (train batch, score batch)
     "small": (64, 128),
     "paper-code": (16, 32),
@@ -54,25 +56,6 @@ def parse(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--csv", default=None, help="append every measured step to this CSV")
     return ap.parse_args(argv)
-
-
-def random_batch(B, M, F, n_users, n_videos, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    S = 40
-    n = torch.randint(1, S + 1, (B,), generator=g)
-    slot = torch.arange(S)
-    slot_mask = slot[None, :] < n[:, None]
-    target = torch.minimum((torch.rand(B, generator=g) * (n + 1).float()).long(), n).clamp(max=S - 1)
-    labels = torch.where(slot[None] < target[:, None], 1, torch.where(slot[None] == target[:, None], 0, -1))
-    m = torch.randint(1, M + 1, (B,), generator=g)
-    user_mask = torch.arange(M)[None, :] < m[:, None]
-    vf = (torch.rand(B, S, F, generator=g) * slot_mask[..., None]).half()
-    uf = (torch.rand(B, M, F, generator=g) * user_mask[..., None]).half()
-    return {"row": torch.arange(B), "user_idx": torch.randint(0, n_users, (B,), generator=g),
-            "video_idx": torch.randint(0, n_videos, (B,), generator=g), "n_segments": n,
-            "slot_mask": slot_mask, "slot_index": slot.expand(B, S).contiguous(), "target": target,
-            "labels": labels.to(torch.int8), "is_cold": torch.zeros(B, dtype=torch.bool),
-            "video_feat": vf, "user_feat": uf, "user_mask": user_mask}
 
 
 def _split_index(self, x, lin, names):
@@ -125,8 +108,8 @@ def main(args):
         for preset in args.presets.split(","):
             tb, sb = SIZES[preset]
             tb, sb = args.train_batch or tb, args.score_batch or sb
-            batch = random_batch(tb, M, F, n_users, n_videos, seed=0)
-            sbatch = random_batch(sb, M, F, n_users, n_videos, seed=1)
+            batch = random_batch(tb, M, F, n_users, n_videos, "cpu", seed=0)
+            sbatch = random_batch(sb, M, F, n_users, n_videos, "cpu", seed=1)
             setups = {}
             for v in variants:
                 backend, split = v.split("/")

@@ -83,3 +83,28 @@ def interaction_pairs(p, **extra) -> pa.Table:
     it = p.interactions
     return pa.table({"user_id": p.users["user_id"][it["user_idx"]], "video_id": p.videos["video_id"][it["video_idx"]],
                      "time_ms": it["time_ms"], **extra})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# cross-attention tests (kernel and sdpa backends against the reference)
+ATTN_GRAD_IDX = (0, 1, 2, 4, 5, 6)  # q1, k1, v1, q2, k2, v2 in the op's argument list
+
+
+def attn_leaves(args, idx=ATTN_GRAD_IDX):
+    """The op's arguments with its float inputs made fresh leaves that require grad."""
+    out = list(args)
+    for i in idx:
+        if out[i] is not None:
+            out[i] = out[i].detach().requires_grad_(True)
+    return out
+
+
+def assert_within(name, x, ref, atol, rtol):
+    """Same dtype and shape, finite (catches an unwritten NaN-poisoned output), and
+    max |x - ref| <= atol + rtol * max |ref| (in float64)."""
+    assert x.dtype == ref.dtype, (name, x.dtype, ref.dtype)
+    assert x.shape == ref.shape, (name, x.shape, ref.shape)
+    assert torch.isfinite(x).all(), f"{name}: non-finite values (unwritten poisoned output?)"
+    err = (x.double() - ref.double()).abs().max().item() if x.numel() else 0.0
+    bound = atol + rtol * (ref.double().abs().max().item() if ref.numel() else 0.0)
+    assert err <= bound, f"{name} ({x.dtype}): max err {err:.3e} > {bound:.3e}"

@@ -28,6 +28,7 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available() and __
 import segfast.kernels._common as common  # noqa: E402
 from segfast.kernels import cross_attention as ca  # noqa: E402
 from segfast.ops import reference  # noqa: E402
+from _fakes import assert_within, attn_leaves
 
 TOL = {
     torch.float32: {"out": (1e-5, 1e-4), "grad": (1e-5, 1e-4)},
@@ -87,21 +88,11 @@ def _inputs(B, H, LQ, L1, L2, D, dtype=torch.float32, n1=None, n2=None, layout="
 
 
 def _leaves(args):
-    out = list(args)
-    for i in (0, 1, 2, 4, 5, 6):
-        if out[i] is not None:
-            out[i] = out[i].detach().requires_grad_(True)
-    return out
+    return attn_leaves(args)
 
 
 def _close(name, x, ref, dtype, kind):
-    atol, rtol = TOL[dtype][kind]
-    assert x.dtype == ref.dtype, (name, x.dtype, ref.dtype)
-    assert x.shape == ref.shape, (name, x.shape, ref.shape)
-    assert torch.isfinite(x).all(), f"{name}: non-finite values (unwritten poisoned output?)"
-    err = (x.float() - ref.float()).abs().max().item() if x.numel() else 0.0
-    bound = atol + rtol * (ref.float().abs().max().item() if ref.numel() else 0.0)
-    assert err <= bound, f"{name} ({dtype}): max err {err:.3e} > {bound:.3e}"
+    assert_within(name, x, ref, *TOL[dtype][kind])
 
 
 def _check(args, dtype=torch.float32, scale=None, seed=1):

@@ -20,6 +20,7 @@ import torch
 import segfast.ops as ops
 from segfast.model.config import ConfigError, ModelConfig, model_preset
 from segfast.ops import reference, sdpa
+from _fakes import assert_within, attn_leaves
 
 TOL = {
     torch.float64: {"out": (1e-12, 1e-10), "grad": (1e-12, 1e-10)},
@@ -52,21 +53,11 @@ def _inputs(B, H, LQ, L1, L2, D, dtype=torch.float32, n1=None, n2=None, layout="
 
 
 def _leaves(args):
-    out = list(args)
-    for i in GRAD_IDX:
-        if out[i] is not None:
-            out[i] = out[i].detach().requires_grad_(True)
-    return out
+    return attn_leaves(args)
 
 
 def _close(name, x, ref, dtype, kind):
-    atol, rtol = TOL[dtype][kind]
-    assert x.dtype == ref.dtype, (name, x.dtype, ref.dtype)
-    assert x.shape == ref.shape, (name, x.shape, ref.shape)
-    assert torch.isfinite(x).all(), f"{name}: non-finite values"
-    err = (x.double() - ref.double()).abs().max().item() if x.numel() else 0.0
-    bound = atol + rtol * (ref.double().abs().max().item() if ref.numel() else 0.0)
-    assert err <= bound, f"{name} ({dtype}): max err {err:.3e} > {bound:.3e}"
+    assert_within(name, x, ref, *TOL[dtype][kind])
 
 
 def _check(args, dtype=torch.float32, scale=None, seed=1, via_ops=False):
