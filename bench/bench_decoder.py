@@ -42,7 +42,7 @@ def parse(argv=None):
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default 50 on cuda, 1 on cpu)")
     ap.add_argument("--csv", default=None, help="append rows to this CSV (one row at a time, as measured)")
     ap.add_argument("--commit", default="unknown", help="commit recorded in every row (default: git HEAD)")
-    ap.add_argument("--tune", default="", help="kernel config overrides, e.g. BLOCK_B=8,BK=64,max_programs=64")
+    ap.add_argument("--tune", default="", help="kernel config overrides (decoder_loss.TUNE; an unknown key raises), e.g. BLOCK_B=4,BK=64,n_splits=16")
     return ap.parse_args(argv)
 
 
