@@ -145,7 +145,8 @@ def test_prepare_raw_segmm_rules(tmp_path):
     m = prepare_raw(raw, tmp_path / "p", "segmm", seed=1, feature_source=ArangeFeatures(), progress=False)
     c = m["counts"]
     assert c["rows_read"] == 356 and c["rows_kept"] == 250
-    assert c["rows_dropped"] == {"play_time_nonpositive": 7, "user_too_few_interactions": 99}
+    assert c["rows_dropped"] == {"play_time_nonpositive": 7, "user_too_few_interactions": 99,
+                                 "duplicate_interaction": 0}
     assert c["rows_read"] == c["rows_kept"] + sum(c["rows_dropped"].values())
     assert c["users"] == 2 and sum(c["splits"].values()) == 250 and c["splits"]["profile"] == 160
     p = load_prepared(tmp_path / "p")

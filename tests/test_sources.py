@@ -171,7 +171,7 @@ def test_segmm_missing_segment(tmp_path):
 
 
 def test_segmm_feature_parts_match_single(tmp_path):
-    _segmm_release(tmp_path / "one", dim=5, extra_rows=3)
+    _segmm_release(tmp_path / "one", dim=5)
     data = (tmp_path / "one" / "SegMM_feat_memmap.dat").read_bytes()
     parts = tmp_path / "parts"
     parts.mkdir()
@@ -183,7 +183,7 @@ def test_segmm_feature_parts_match_single(tmp_path):
     whole = FeatureMatrix([tmp_path / "one" / "SegMM_feat_memmap.dat"], 5)
     split = FeatureMatrix(sorted(parts.glob("SegMM_feat_memmap.dat.*"),
                                  key=lambda p: int(p.suffix[1:])), 5)
-    rows = np.array([8, 0, 3, 1, 1, 7, 2, 4, 5, 6])
+    rows = np.array([5, 0, 3, 1, 1, 2, 4, 5])
     np.testing.assert_array_equal(split.read(rows), whole.read(rows))
     np.testing.assert_array_equal(whole.read(rows), np.frombuffer(data, "<f8").reshape(-1, 5)[rows])
     _, f1 = read_segmm(tmp_path / "one", feature_dim=5)
@@ -202,7 +202,7 @@ def test_segmm_bad_feature_sizes(tmp_path):
     with pytest.raises(DataFormatError, match="not rows x 6 x 8 bytes"):
         read_segmm(tmp_path, feature_dim=6)
     dat.write_bytes(np.zeros((4, 6)).tobytes())     # too few rows for line ids up to 5
-    with pytest.raises(DataFormatError, match="refers to line id 5"):
+    with pytest.raises(DataFormatError, match="refers to line ids 0..5"):
         read_segmm(tmp_path, feature_dim=6)
     dat.write_bytes(b"")
     with pytest.raises(DataFormatError, match="empty"):

@@ -5,6 +5,9 @@ Choices fixed here (docs/internals.md style):
 - Sources and their rules: ``segmm`` and ``segmm-sample`` drop users with < 100 interactions and use the
   first 80 of each user as profile; ``kuairand`` drops users with < 20 and has no profile. Both are
   overridable (``min_interactions``, ``profile_len``) and recorded in ``manifest.options``.
+- Exact duplicate interactions (same user, video and time_ms) are dropped before the user filter, the
+  first in source order kept, and counted under ``rows_dropped["duplicate_interaction"]`` (a row's twin
+  would otherwise sit in its own history and leak its label through the visual history).
 - Dropped users are counted in rows under ``rows_dropped["user_too_few_interactions"]``; the reader's
   own drop reasons are copied as they are, so ``rows_read == rows_kept + sum(rows_dropped)``.
 - ``videos.n_segments`` is the largest N over the video's rows (a video's duration can differ between
@@ -193,9 +196,15 @@ def prepare_raw(
         raise ValueError(f"reader counts disagree: rows_read={raw.rows_read}, kept {n_read}, "
                          f"dropped {sum(dropped.values())}")
 
-    # ---- sort, user filter
+    # ---- sort, exact duplicates, user filter
     order = _sp.sort_order(cols["user_id"], cols["time_ms"], cols["source_row"])
     cols = {k: v[order] for k, v in cols.items()}
+    first = _sp.first_occurrences(cols["user_id"], cols["video_id"], cols["time_ms"])
+    n_dup = int((~first).sum())
+    dropped["duplicate_interaction"] = dropped.get("duplicate_interaction", 0) + n_dup
+    if n_dup:
+        cols = {k: v[first] for k, v in cols.items()}
+    del first
     keep = _sp.filter_users(cols["user_id"], min_inter)
     n_drop_users = int((~keep).sum())
     dropped["user_too_few_interactions"] = dropped.get("user_too_few_interactions", 0) + n_drop_users

@@ -43,6 +43,7 @@ __all__ = [
     "SPLIT_CODES",
     "SPLIT_NAMES",
     "sort_order",
+    "first_occurrences",
     "group_starts",
     "hash_keys",
     "filter_users",
@@ -82,6 +83,22 @@ def hash_keys(seed: int, *columns: np.ndarray) -> np.ndarray:
 def sort_order(user_id: np.ndarray, time_ms: np.ndarray, source_row: np.ndarray) -> np.ndarray:
     """Permutation sorting rows by (user_id, time_ms, source_row)."""
     return np.lexsort((source_row, time_ms, user_id)).astype(np.int64)
+
+
+def first_occurrences(sorted_user_id: np.ndarray, video_id: np.ndarray, time_ms: np.ndarray) -> np.ndarray:
+    """Keep mask over rows sorted by (user, time_ms, source_row): False for a row whose (user, video, time_ms)
+    already occurred earlier (an exact duplicate interaction); the first occurrence is kept."""
+    n = sorted_user_id.shape[0]
+    keep = np.ones(n, dtype=bool)
+    if n < 2:
+        return keep
+    # duplicates share user and time, so they sit in one (user, time) run; order each run by video,
+    # stable in row order, and mark every repeat of the previous (user, time, video)
+    o = np.lexsort((np.arange(n), video_id, time_ms, sorted_user_id))
+    u, t, v = sorted_user_id[o], time_ms[o], video_id[o]
+    rep = (u[1:] == u[:-1]) & (t[1:] == t[:-1]) & (v[1:] == v[:-1])
+    keep[o[1:][rep]] = False
+    return keep
 
 
 def group_starts(sorted_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

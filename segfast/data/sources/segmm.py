@@ -5,7 +5,9 @@
 - ``SegMM_photoidframeid2lineid.json``: "<photo_id>-<segment_index>" -> row of the feature matrix
   (segment_index 0-based; a map whose smallest index is 1 is taken as 1-based).
 - ``SegMM_feat_memmap.dat`` (or its parts ``SegMM_feat_memmap.dat.*``, concatenated in sorted order):
-  raw float64 [rows, dim], opened read-only with np.memmap and never loaded whole.
+  raw float64 [rows, dim], opened read-only with np.memmap and never loaded whole. Its size must be exactly
+  (largest line id + 1) x dim x 8 bytes: a longer file is an error too (a file of dimension 2d read with
+  ``feature_dim=d`` would otherwise pass as twice the rows).
 """
 from __future__ import annotations
 
@@ -262,11 +264,14 @@ def open_features(features_dir, feature_dim: int = 1024, missing: str = "raise")
     photo, seg, line = load_segment_map(map_path)
     matrix = FeatureMatrix(parts, feature_dim)
     need = int(line.max()) + 1
-    if matrix.rows < need:
+    if matrix.rows != need:
+        # exact: a longer file is as wrong as a shorter one (a wrong --feature-dim reads a file of dimension
+        # 2d as twice the rows of dimension d, which "at least" would have accepted)
         raise DataFormatError(
-            f"{', '.join(p.name for p in parts)}: holds {matrix.rows} rows of {feature_dim} float64 "
-            f"({matrix.rows * matrix.row_bytes} bytes) but {map_path.name} refers to line id {need - 1}; "
-            f"expected at least {need} x {feature_dim} x 8 = {need * matrix.row_bytes} bytes")
+            f"{', '.join(str(p) for p in parts)}: size {matrix.rows * matrix.row_bytes} bytes "
+            f"({matrix.rows} rows of {feature_dim} float64) but {map_path.name} refers to line ids 0..{need - 1}; "
+            f"expected exactly {need} x {feature_dim} x 8 = {need * matrix.row_bytes} bytes "
+            f"({'wrong --feature-dim, or extra data after the last vector' if matrix.rows > need else 'a truncated or missing part?'})")
     base = int(seg.min())
     if base not in (0, 1):
         raise DataFormatError(f"{map_path}: smallest segment index is {base}; expected 0 (or 1 for a 1-based map)")
