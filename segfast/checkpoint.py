@@ -49,6 +49,7 @@ __all__ = ["CheckpointError", "CheckpointWarning", "RUN_FORMAT", "save_tensors",
 RUN_FORMAT = "segfast-run"
 RUN_VERSION = 1
 _DIGEST_KEY = "segfast_sha256"
+_CONFIG_KEY = "segfast_model_config"  # the model config the weights were built with (JSON, without "backend")
 
 
 class CheckpointError(ValueError):
@@ -145,6 +146,8 @@ def data_fingerprint(prepared) -> dict:
         "feature_dim": prepared.feature_dim,
         "rows": int(counts.get("rows_kept", len(prepared))),
         "splits": counts.get("splits"),
+        # sha256 of the id maps, interactions, features and visual histories (segfast._fingerprint)
+        "content_sha256": prepared.content_fingerprint(),
     }
 
 
@@ -175,13 +178,39 @@ def read_run_config(run_dir) -> dict:
 # model and optimizer tensors
 # ----------------------------------------------------------------------------------------------------
 
+def _model_config_dict(model) -> Optional[dict]:
+    cfg = getattr(model, "config", None)
+    if not hasattr(cfg, "to_dict"):
+        return None
+    d = cfg.to_dict()
+    d.pop("backend", None)  # an execution choice: any backend runs the same weights
+    return d
+
+
 def save_model(path, model: torch.nn.Module) -> None:
-    save_tensors(path, model.state_dict(), {"format": "segfast-model"})
+    """The weights, with the model config they were built with in the metadata (checked on load)."""
+    meta = {"format": "segfast-model"}
+    cfg = _model_config_dict(model)
+    if cfg is not None:
+        meta[_CONFIG_KEY] = json.dumps(cfg, sort_keys=True)
+    save_tensors(path, model.state_dict(), meta)
 
 
 def load_model_weights(path, model: torch.nn.Module) -> None:
-    """Load ``path`` into ``model`` (strict: same names and shapes), or raise a CheckpointError."""
-    tensors, _ = load_tensors(path)
+    """Load ``path`` into ``model`` (strict: same names and shapes, and the same model config as the one the
+    weights were saved with, when they record it), or raise a CheckpointError."""
+    tensors, meta = load_tensors(path)
+    saved, own_cfg = meta.get(_CONFIG_KEY), _model_config_dict(model)
+    if saved is not None and own_cfg is not None:
+        try:
+            saved = json.loads(saved)
+        except ValueError:
+            raise CheckpointError(f"{path}: unreadable {_CONFIG_KEY} metadata") from None
+        diff = sorted(k for k in set(saved) | set(own_cfg) if saved.get(k) != own_cfg.get(k))
+        if diff:
+            raise CheckpointError(f"{path}: the weights were built with another model config: "
+                                  + ", ".join(f"{k} {saved.get(k)!r} (now {own_cfg.get(k)!r})" for k in diff)
+                                  + " (was config.json edited? restore it, or train a new run)")
     own = model.state_dict()
     missing = sorted(set(own) - set(tensors))
     extra = sorted(set(tensors) - set(own))
@@ -419,3 +448,10 @@ def check_compatible(meta: dict, prepared) -> None:
         if data.get("source") not in (None, src):
             raise ValueError(f"{where}: the model was trained on source {data.get('source')!r}, the dataset is "
                              f"{src!r}; ID embeddings do not transfer")
+    want = (meta.get("data") or {}).get("content_sha256")  # absent in runs trained before the fingerprint
+    if want is not None and hasattr(prepared, "content_fingerprint"):
+        got = prepared.content_fingerprint()
+        if got != want:
+            raise ValueError(f"{where}: the run was trained on data with content fingerprint {want[:12]}..., "
+                             f"the dataset's is {got[:12]}... (another dataset, or its files changed since); "
+                             "use the dataset the run was trained on")

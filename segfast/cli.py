@@ -338,6 +338,15 @@ def _cmd_edit(a):
     return res, _text(res)
 
 
+def _cmd_verify(a):
+    from segfast.verify import verify
+
+    res = verify(a.dir)
+    lines = [f"{res['path']}: {res['kind']}, {'OK' if res['ok'] else 'FAILED'} ({len(res['checked'])} checks passed)"]
+    lines += [f"  problem: {x}" for x in res["problems"]] + [f"  note: {x}" for x in res["notes"]]
+    return res, "\n".join(lines)
+
+
 def _cmd_demo(a):
     from segfast.demo import run_demo
 
@@ -459,6 +468,11 @@ def build_parser() -> argparse.ArgumentParser:
                            help="skip the segments whose interest (sigmoid of the logit) is below this")
         s.set_defaults(func=fn)
 
+    s = _parser(sub, "verify", "check a prepared dataset, a run directory or a score output against its manifest "
+                "(sizes, sha256); exit 0 when it matches, 1 when not", common)
+    s.add_argument("dir", help="the directory to check (prepare --out, train --out or score --out)")
+    s.set_defaults(func=_cmd_verify)
+
     s = _parser(sub, "demo", "synth -> prepare -> train -> evaluate vs baselines -> SegRec, with plots", common)
     s.add_argument("--out", default="segfast_demo", help="output folder")
     s.add_argument("--seed", type=int, default=0, help="seed of every step")
@@ -480,6 +494,18 @@ def _is_rank0() -> bool:
         return True
 
 
+LOCKED = ("prepare", "score", "train", "thumbnails", "edit")  # commands that hold a lock on --out (segfast._lock)
+
+
+def _out_lock(a):
+    """The advisory lock on ``--out`` of a writing command, held while it runs (a second writer: exit 2)."""
+    if a.command not in LOCKED or not getattr(a, "out", None):
+        return contextlib.nullcontext()
+    from segfast._lock import output_lock
+
+    return output_lock(a.out, a.command)
+
+
 def main(argv: Optional[list] = None) -> int:
     if list(sys.argv[1:] if argv is None else argv) == ["--version"]:  # without building the parser (torch)
         from segfast import __version__
@@ -493,7 +519,7 @@ def main(argv: Optional[list] = None) -> int:
     sink = open(os.devnull, "w") if a.quiet else sys.stderr
     try:
         apply_runtime(a)
-        with contextlib.redirect_stdout(sink):  # library logs never reach stdout
+        with contextlib.redirect_stdout(sink), _out_lock(a):  # library logs never reach stdout
             doc, text = func(a)
     except UsageError as e:
         print(f"segfast {a.command}: error: {e}", file=sys.stderr)
@@ -513,6 +539,8 @@ def main(argv: Optional[list] = None) -> int:
         elif text:
             out.write(text.rstrip("\n") + "\n")
         out.flush()
+    if a.command == "verify" and not doc.get("ok"):
+        return 1  # checked, and it does not match its manifest
     return 0
 
 

@@ -95,6 +95,9 @@ def test_every_subcommand_json(tmp_path, capfd):
     covered.add("score")
     assert doc["n_parts"] == 20 and doc["complete"] and doc["rows_scored"] == 37 and doc["rows_rejected"] == 2
     assert len(json.dumps(doc)) > 2000  # long enough that a cut would have broken it
+    doc = _run_json(capfd, "verify", str(t / "scores"))
+    covered.add("verify")
+    assert doc["ok"] and doc["kind"] == "scores" and not doc["problems"]
 
     # segrec without --quiet: its per-epoch log lines must go to stderr
     capfd.readouterr()

@@ -27,12 +27,13 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from segfast import MAX_SLOTS, _io
+from segfast import MAX_SLOTS, _fingerprint as _fp, _io
 from segfast.data import splits as _sp
 from segfast.data.labels import n_segments as _n_segments, view_length as _view_length
 from segfast.data.sources import RawInteractions
@@ -304,6 +305,7 @@ def prepare_raw(
                 "cold_test": int((is_cold & (split == _sp.SPLIT_CODES["test"])).sum()),
             },
             "features": features_meta,
+            "fingerprint": _fp.compute(tmp),  # sha256 of every data file (segfast._fingerprint)
         }
         with open(tmp / "manifest.json", "w") as f:
             json.dump(manifest, f, indent=2)
@@ -416,6 +418,19 @@ class Prepared:
     def __setstate__(self, state):
         self.path = Path(state["path"])
         self._load()
+
+    def content_fingerprint(self) -> str:
+        """sha256 of the dataset's data files as they are now (the id maps, interactions, features, visual
+        histories): the digests stored by ``prepare`` for files whose size and mtime are unchanged, the others
+        (or all, for a dataset prepared without a fingerprint) hashed once (segfast._fingerprint)."""
+        if getattr(self, "_content_fp", None) is None:
+            fp, changed = _fp.current(self.path, self.manifest.get("fingerprint"))
+            if changed:
+                warnings.warn(f"{self.path}: {changed} changed since prepare (content differs from the manifest's "
+                              "fingerprint); runs and score outputs made on the old content will not match",
+                              stacklevel=2)
+            self._content_fp = fp["sha256"]
+        return self._content_fp
 
     @property
     def n_users(self) -> int:

@@ -102,6 +102,8 @@ def run_dataset(scorer, pairs, out_dir, *, part_rows: int = DEFAULT_PART_ROWS, o
             "data": data_fingerprint(scorer.prepared),
             "input": src.identity(),
             "part_rows": int(part_rows), "on_unknown": on_unknown,
+            # scores are bit-identical only at one batch size: a resume with another one would mix them
+            "batch_size": int(scorer.effective_batch_size),
         }
         if scorer.precision != "fp32":  # (fp32: absent, so that an output from before --precision resumes)
             identity["precision"] = scorer.precision
