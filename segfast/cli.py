@@ -2,7 +2,9 @@
 
 Every subcommand follows one contract: with --json, stdout carries exactly one JSON document (the result);
 progress bars and logs go to stderr, always; tables and summaries go to stdout only without --json. Bad
-input, or a --device / --backend this machine cannot run, is one line on stderr and exit code 2.
+input, or a --device / --backend this machine cannot run, is one line on stderr and exit code 2; a full disk,
+permission denied or another I/O error exit 3, a non-finite training loss 4, a CUDA error 5, Ctrl-C 130 and
+SIGTERM 143, each with one line on stderr (segfast._errors; docs/internals.md "Exit codes").
 """
 from __future__ import annotations
 
@@ -517,6 +519,10 @@ def main(argv: Optional[list] = None) -> int:
     out = sys.stdout
     func: Callable = a.func
     sink = open(os.devnull, "w") if a.quiet else sys.stderr
+    from segfast import _errors
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(_errors.handle_sigterm())  # SIGTERM unwinds like Ctrl-C (temporaries removed)
     try:
         apply_runtime(a)
         with contextlib.redirect_stdout(sink), _out_lock(a):  # library logs never reach stdout
@@ -530,7 +536,14 @@ def main(argv: Optional[list] = None) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"segfast {a.command}: error: {msg}", file=sys.stderr)
         return 2
+    except BaseException as e:  # disk full, permission denied, non-finite loss, CUDA, Ctrl-C / SIGTERM
+        known = _errors.classify(e, getattr(a, "out", None))
+        if known is None or os.environ.get("SEGFAST_DEBUG"):
+            raise  # a bug: the traceback
+        print(f"segfast {a.command}: error: {known[1]}", file=sys.stderr)
+        return known[0]
     finally:
+        stack.close()
         if sink is not sys.stderr:
             sink.close()
     if _is_rank0():

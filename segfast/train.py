@@ -217,7 +217,9 @@ def _check_out_dir(out: Path, mc: ModelConfig, tc: TrainConfig, data: dict, prec
         raise RunDirError(f"{out}: cannot resume: {e}") from None
     diffs = _diff(cfg["model"].to_dict(), mc.to_dict(), _RESUME_FREE_MODEL)
     diffs += _diff(cfg["train"].to_dict() if cfg["train"] else {}, tc.to_dict(), _RESUME_FREE_TRAIN)
-    diffs += [f"data {d}" for d in _diff(cfg["data"] or {}, data, set())]
+    # a run from before the content fingerprint resumes (its config has no content_sha256 to compare)
+    free_data = set() if "content_sha256" in (cfg["data"] or {}) else {"content_sha256"}
+    diffs += [f"data {d}" for d in _diff(cfg["data"] or {}, data, free_data)]
     had = cfg["raw"].get("precision", "fp32")
     if precision not in (None, "auto") and had != precision:
         diffs.append(f"precision: {had!r} (run) vs {precision!r} (now); resume with --precision {had}")

@@ -156,3 +156,23 @@ def test_case9_resume_with_another_batch_size_is_refused_or_restarted(world, tmp
     done = json.loads((out2 / "_manifest.json").read_text())["parts"]
     man2 = score(run, data, pairs, out2, batch_size=50, part_rows=60, progress=False)
     assert man2["complete"] and man2["parts"][:2] == done
+
+
+def test_training_resume_of_a_run_from_before_the_fingerprint(world):
+    from segfast.checkpoint import data_fingerprint, read_run_config
+    from segfast.train import RunDirError, _check_out_dir
+
+    run, p = world["run"], world["p"]
+    cfg = read_run_config(run)
+    mc, data = cfg["model"], data_fingerprint(p)
+    from segfast.model.config import TrainConfig
+    tc = TrainConfig()
+    raw = json.loads((run / "config.json").read_text())
+    raw["train"] = tc.to_dict()
+    raw["data"]["content_sha256"] = "0" * 64  # trained on other content: refused
+    (run / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(RunDirError, match="content_sha256"):
+        _check_out_dir(run, mc, tc, data)
+    del raw["data"]["content_sha256"]  # a run from before the fingerprint: accepted
+    (run / "config.json").write_text(json.dumps(raw))
+    _check_out_dir(run, mc, tc, data)

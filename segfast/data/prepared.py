@@ -17,6 +17,10 @@ Choices fixed here (docs/internals.md style):
   target dtype, is an error naming the video id and segment.
 - Visual histories (see ``segfast.data.splits``) are written only when features are written; otherwise
   ``vhist_offset`` is -1 and ``vhist_len`` 0 for every row.
+- Space: before anything is written the free space of ``out``'s file system is checked against the size
+  of the output (``segfast._errors.check_free_space``; a clear error when short), and the memmapped files
+  get their blocks allocated when created, so a disk that fills anyway is an ``OSError`` naming the file
+  (exit 3 from the CLI), never a SIGBUS in a memmap write.
 - Atomicity: everything is written into a hidden temp directory beside ``out`` which is renamed onto
   ``out`` at the end; any exception removes it. With ``overwrite=True`` an existing ``out`` is renamed
   away, the new one renamed in, then the old one deleted (``segfast._io``; the directory and its files get
@@ -236,6 +240,9 @@ def prepare_raw(
     n_segments_total = int(vid_nseg.sum())
 
     with_features = feature_source is not None
+    _check_space(out, n, n_users, n_videos, n_segments_total, fdtype,
+                 int(feature_source.dim) if with_features else None,
+                 int(_sp.vhist_lengths(cols["user_id"], vlen, hist_len, prof, VHIST_CAP).sum()) if with_features else 0)
     tmp = _io.temp_dir(out.parent, prefix=f".{out.name}.tmp-")  # the mode the umask implies (not mkdtemp's 0700)
     try:
         features_meta = None
@@ -253,6 +260,7 @@ def prepare_raw(
                 np.cumsum(vh_len[:-1], out=vh_off[1:])
             total = int(vh_len.sum())
             vh = np.lib.format.open_memmap(tmp / "vhist.npy", mode="w+", dtype=np.int64, shape=(total,))
+            _reserve(tmp / "vhist.npy")
             pos = 0
             with tqdm(total=n, desc="visual histories", unit="rows", disable=not progress) as bar:
                 for r0, r1, chunk in _sp.vhist_chunks(cols["user_id"], vid_off[video_idx], vlen, hist_len,
@@ -317,6 +325,20 @@ def prepare_raw(
     return manifest
 
 
+def _check_space(out: Path, n: int, n_users: int, n_videos: int, segments: int, fdtype, dim, vhist_total: int):
+    """Refuse to start when the file system of ``out`` lacks the space of the output (features and visual
+    histories exactly, the Parquet tables at their uncompressed size, an upper bound)."""
+    from segfast._errors import check_free_space
+
+    row = sum(np.dtype(t).itemsize for t in INTERACTION_COLUMNS.values())
+    need = n * row + n_users * sum(np.dtype(t).itemsize for t in USER_COLUMNS.values()) \
+        + n_videos * sum(np.dtype(t).itemsize for t in VIDEO_COLUMNS.values()) + 65536
+    if dim is not None:
+        need += segments * dim * fdtype.itemsize + vhist_total * 8 + 256
+    check_free_space(out.parent, need, f"the prepared dataset ({n} rows"
+                     + (f", {segments} segments x {dim} {fdtype.name} features)" if dim is not None else ")"))
+
+
 def _write_parquet(path: Path, columns: dict, schema: dict, pa, pq) -> None:
     arrays, names = [], []
     for name, dt in schema.items():
@@ -329,6 +351,7 @@ def _write_features(path, fs, video_ids, vid_nseg, vid_off, dim, fdtype, progres
     total = int(vid_nseg.sum())
     src_rows = _feature_rows(fs, video_ids, vid_nseg)
     mm = np.lib.format.open_memmap(path, mode="w+", dtype=fdtype, shape=(total, dim))
+    _reserve(path)
     with tqdm(total=total, desc="features", unit="seg", disable=not progress) as bar:
         for s0 in range(0, total, _FEATURE_CHUNK):
             s1 = min(s0 + _FEATURE_CHUNK, total)
@@ -348,6 +371,13 @@ def _write_features(path, fs, video_ids, vid_nseg, vid_off, dim, fdtype, progres
             bar.update(s1 - s0)
     mm.flush()
     del mm
+
+
+def _reserve(path: Path) -> None:
+    """Allocate a new memmap file's blocks now: a full disk is then an OSError naming it, not a SIGBUS later."""
+    from segfast._errors import reserve
+
+    reserve(path, path.stat().st_size)
 
 
 def _install(tmp: Path, out: Path, overwrite: bool) -> None:
