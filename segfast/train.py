@@ -436,7 +436,16 @@ def _train(data_dir, out_dir, model_config: ModelConfig, tc: TrainConfig, progre
                 _LossModule(model), device_ids=[device.index] if device.type == "cuda" else None,
                 find_unused_parameters=find_unused)
 
+        def finite_weights():
+            """A non-finite weight (an update that overflowed although its loss was finite) stops the run
+            before it is evaluated or saved: last/ and best/ keep the previous, finite state."""
+            bad = next((n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+            if bad is not None:
+                raise FloatingPointError(f"non-finite weights ({bad}) after step {st['step']} (epoch {st['epoch']}); "
+                                         "try a lower lr or grad_clip")
+
         def checkpoint():
+            finite_weights()
             if scaler is not None:
                 st["grad_scaler"] = sfprec.scaler_state(scaler)
             save_state(out, "last", model, st, optimizer=opt, device=device)
@@ -467,7 +476,14 @@ def _train(data_dir, out_dir, model_config: ModelConfig, tc: TrainConfig, progre
         def evaluate() -> bool:
             """Dev evaluation + metrics line + checkpoints; True when early stopping triggers."""
             nonlocal t_last, pairs_since
-            dev = evaluate_dev(model, dev_loader, device, tc.seed, data_dir, precision)
+            finite_weights()
+            try:
+                dev = evaluate_dev(model, dev_loader, device, tc.seed, data_dir, precision)
+            except ValueError as e:  # finite but huge weights overflow in the forward: NaN logits
+                if "NaN" not in str(e):
+                    raise
+                raise FloatingPointError(f"non-finite model output at the dev evaluation after step {st['step']} "
+                                         f"(epoch {st['epoch']}): {e}; try a lower lr or grad_clip") from None
             now = time.perf_counter()
             loss = st["loss_sum"] / st["loss_n"] if st["loss_n"] else None
             rec = {"step": st["step"], "epoch": st["epoch"], "train_loss": loss, "dev": dev,
