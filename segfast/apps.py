@@ -12,7 +12,10 @@ row that gives ``videos.n_segments``, the largest N). The file-level functions s
 ``segfast.scoring.score`` (pairs Parquet: int64 user_id, video_id[, time_ms]; the same scoring options:
 backend, batch size, the unknown-id policy ``on_unknown`` "error" / "skip") into a temporary directory next
 to ``out_path`` and write one Parquet file atomically (``segfast._io``), one row per scored pair in input
-order; an existing output is refused unless ``overwrite``.
+order. ``out_path`` may not be (or lie inside) the pairs, the prepared dataset or the run directory; an existing
+output is refused unless ``overwrite``, and even then unless segfast wrote it for the same command: the file's
+Parquet schema metadata key ``segfast.output`` holds ``{"kind": "thumbnails"}`` / ``{"kind": "edit"}``
+(segfast._guard).
 """
 from __future__ import annotations
 
@@ -120,13 +123,31 @@ def _scored(run_dir, data_dir, pairs_path, out_path, scoring: dict):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _check_output(out_path, overwrite: bool) -> Path:
+def _check_output(out_path, overwrite: bool, kind: str = "", inputs: dict | None = None) -> Path:
+    """``out_path`` may be written: not one of the inputs (nor inside / around one), and nothing there or (with
+    ``overwrite``) a file segfast ``kind`` wrote (segfast._guard); stale temporaries of a killed run removed."""
+    from segfast._guard import check_out_vs_inputs, check_replace_file
+
     out_path = Path(out_path)
-    if out_path.exists() and not overwrite:
-        raise FileExistsError(f"{out_path}: output already exists (pass overwrite=True / --overwrite to replace it)")
-    if out_path.is_dir():
-        raise IsADirectoryError(f"{out_path}: is a directory; expected the path of a Parquet file to write")
+    check_out_vs_inputs(out_path, inputs or {}, kind)
+    check_replace_file(out_path, kind, overwrite)
+    _io.remove_stale_temps(out_path.parent, out_path.name)
     return out_path
+
+
+def _inputs(run_dir, data_dir, pairs_path) -> dict:
+    return {"--run-dir": run_dir, "--data": data_dir, "--pairs": pairs_path}
+
+
+def _write(out_path, table, kind: str, overwrite: bool) -> None:
+    """Write the output atomically, marked as segfast ``kind``'s (its Parquet schema metadata, which is how
+    --overwrite recognises it); what is at ``out_path`` now is checked again first."""
+    from segfast._guard import check_replace_file, file_metadata
+
+    check_replace_file(out_path, kind, overwrite)
+    meta = dict(table.schema.metadata or {})
+    meta.update(file_metadata(kind))
+    _io.write_parquet(out_path, table.replace_schema_metadata(meta))
 
 
 def _scoring(device, progress, options: dict) -> dict:
@@ -168,7 +189,7 @@ def thumbnails(run_dir, data_dir, pairs_path, out_path, device="cpu", progress: 
     "rejected_summary", "out", "backend", "device", "batch_size"}."""
     import pyarrow as pa
 
-    out_path = _check_output(out_path, overwrite)
+    out_path = _check_output(out_path, overwrite, "thumbnails", _inputs(run_dir, data_dir, pairs_path))
     pairs, man = _scored(run_dir, data_dir, pairs_path, out_path, _scoring(device, progress, scoring))
     durs = _durations_for(data_dir, pairs)
     cols = {k: [] for k in ("user_id", "video_id", "n_segments", "duration_ms", "thumbnail_slot", "start_ms",
@@ -180,7 +201,7 @@ def thumbnails(run_dir, data_dir, pairs_path, out_path, device="cpu", progress: 
     types = {"user_id": pa.int64(), "video_id": pa.int64(), "n_segments": pa.int8(), "duration_ms": pa.int64(),
              "thumbnail_slot": pa.int8(), "start_ms": pa.int64(), "end_ms": pa.int64(), "interest": pa.float32()}
     table = pa.table({k: pa.array(v, type=types[k]) for k, v in cols.items()})
-    _io.write_parquet(out_path, table)
+    _write(out_path, table, "thumbnails", overwrite)
     return _summary(pairs, man, out_path)
 
 
@@ -195,7 +216,7 @@ def edit(run_dir, data_dir, pairs_path, out_path, threshold: float = 0.5, device
 
     if not 0.0 <= float(threshold) <= 1.0:
         raise ValueError(f"threshold={threshold!r}: expected a probability in [0, 1]")
-    out_path = _check_output(out_path, overwrite)
+    out_path = _check_output(out_path, overwrite, "edit", _inputs(run_dir, data_dir, pairs_path))
     pairs, man = _scored(run_dir, data_dir, pairs_path, out_path, _scoring(device, progress, scoring))
     durs = _durations_for(data_dir, pairs)
     cols = {k: [] for k in ("user_id", "video_id", "n_segments", "duration_ms", "skip_start_ms", "skip_end_ms",
@@ -209,7 +230,7 @@ def edit(run_dir, data_dir, pairs_path, out_path, threshold: float = 0.5, device
              "skip_start_ms": pa.list_(pa.int64()), "skip_end_ms": pa.list_(pa.int64()),
              "skipped_ms": pa.int64(), "kept_ms": pa.int64()}
     table = pa.table({k: pa.array(v, type=types[k]) for k, v in cols.items()})
-    _io.write_parquet(out_path, table)
+    _write(out_path, table, "edit", overwrite)
     total = sum(durs)
     return dict(_summary(pairs, man, out_path),
                 skipped_fraction=(sum(cols["skipped_ms"]) / total) if total else 0.0)

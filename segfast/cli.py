@@ -129,7 +129,8 @@ def add_score_arguments(p, out_help: str = "output directory (Parquet parts + _m
     p.add_argument("--on-unknown", choices=list(ON_UNKNOWN), default="error",
                    help="pairs with a user or video the dataset does not know: refuse the input (error) or "
                         "leave them out and list them (skip)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output that segfast wrote for this same command (nothing else)")
     p.add_argument("--no-prefetch", action="store_true", help="assemble batches in the main thread")
     from segfast.features import parse_bytes
     p.add_argument("--feature-memory", type=parse_bytes, default=None, metavar="BYTES",
@@ -398,7 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the prepared feature memmap")
     s.add_argument("--out", required=True, help="output folder of the prepared dataset")
     s.add_argument("--seed", type=int, default=0, help="seed of the random split keys and history samples")
-    s.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace an existing prepared dataset (only one segfast prepare wrote, holding nothing else)")
     s.set_defaults(func=_cmd_prepare)
 
     s = _parser(sub, "train", "train the segment interest model (resumable; DDP under torchrun)", common)
@@ -508,6 +510,21 @@ def _out_lock(a):
     return output_lock(a.out, a.command)
 
 
+INPUTS = {"prepare": ("input", "features"), "train": ("data",), "score": ("data", "pairs", "run_dir"),
+          "thumbnails": ("data", "pairs", "run_dir"), "edit": ("data", "pairs", "run_dir")}  # what --out may not touch
+
+
+def _guard_out(a) -> None:
+    """Refuse an --out that is, contains or lies inside one of the command's inputs (segfast._guard), before
+    anything (the lock file included) is written; the --overwrite rules live with each writer."""
+    if a.command not in INPUTS or not getattr(a, "out", None):
+        return
+    from segfast._guard import check_out_vs_inputs
+
+    check_out_vs_inputs(a.out, {"--" + k.replace("_", "-"): getattr(a, k, None) for k in INPUTS[a.command]},
+                        a.command)
+
+
 def main(argv: Optional[list] = None) -> int:
     if list(sys.argv[1:] if argv is None else argv) == ["--version"]:  # without building the parser (torch)
         from segfast import __version__
@@ -525,6 +542,7 @@ def main(argv: Optional[list] = None) -> int:
     stack.enter_context(_errors.handle_sigterm())  # SIGTERM unwinds like Ctrl-C (temporaries removed)
     try:
         apply_runtime(a)
+        _guard_out(a)
         with contextlib.redirect_stdout(sink), _out_lock(a):  # library logs never reach stdout
             doc, text = func(a)
     except UsageError as e:

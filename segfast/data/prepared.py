@@ -24,7 +24,11 @@ Choices fixed here (docs/internals.md style):
 - Atomicity: everything is written into a hidden temp directory beside ``out`` which is renamed onto
   ``out`` at the end; any exception removes it. With ``overwrite=True`` an existing ``out`` is renamed
   away, the new one renamed in, then the old one deleted (``segfast._io``; the directory and its files get
-  the modes the umask implies).
+  the modes the umask implies). A temp directory left by a killed prepare (SIGKILL, power loss) is removed
+  by the next prepare of the same ``out`` (``segfast._io.remove_stale_temps``).
+- Safety (``segfast._guard``): ``out`` may not be, contain or lie inside ``input`` / ``features_dir``, and
+  ``overwrite`` replaces only a prepared dataset (its ``manifest.json`` has ``"kind": "segfast-prepared"``)
+  that holds nothing but prepare's own files; anything else is refused, checked again just before the swap.
 """
 from __future__ import annotations
 
@@ -121,6 +125,9 @@ def prepare(
     if source not in SOURCES:
         raise ValueError(f"unknown source {source!r}; expected one of {sorted(SOURCES)}")
     out = Path(out)
+    from segfast._guard import check_out_vs_inputs
+
+    check_out_vs_inputs(out, {"--input": input, "--features": features_dir}, "prepare")
     _check_out(out, overwrite)
     raw, feats = _read_source(source, input, features_dir, log, feature_dim, progress)
     options = {"features_dir": None if features_dir is None else str(features_dir), "log": log,
@@ -131,8 +138,13 @@ def prepare(
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out}: output already exists (pass overwrite=True to replace it)")
+    """Nothing at ``out``, or (with ``overwrite``) a prepared dataset and nothing else (segfast._guard); and
+    the temporaries a killed prepare left beside ``out`` removed (segfast._io.remove_stale_temps)."""
+    from segfast._guard import check_replace_prepared
+
+    check_replace_prepared(out, overwrite)
+    _io.remove_stale_temps(out.parent, out.name)
+
 
 
 def _feature_rows(fs, video_ids: np.ndarray, nseg: np.ndarray) -> np.ndarray:
@@ -297,6 +309,7 @@ def prepare_raw(
                      "vhist_cap": VHIST_CAP, "feature_dtype": fdtype.name})
         manifest = {
             "schema_version": SCHEMA_VERSION,
+            "kind": "segfast-prepared",  # what segfast._guard recognises before --overwrite replaces it
             "source": source,
             "seed": int(seed),
             "input": str(input),
@@ -381,6 +394,9 @@ def _reserve(path: Path) -> None:
 
 
 def _install(tmp: Path, out: Path, overwrite: bool) -> None:
+    from segfast._guard import check_replace_prepared
+
+    check_replace_prepared(out, overwrite)  # again: what is there now, not what was there at the start
     _io.install_dir(tmp, out, overwrite)
 
 

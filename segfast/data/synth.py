@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -400,10 +399,8 @@ def synth(format: str, out, users: int = DEFAULT_USERS, videos: int = DEFAULT_VI
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    _io.remove_stale_temps(out.parent, out.name)  # left by a killed synth
+    tmp = _io.temp_dir(out.parent, prefix=f".{out.name}.tmp-")  # unpredictable name, never a planted one
     bars = []
     try:
         world = _World(format, users, videos, seed)

@@ -8,6 +8,12 @@ while a sharded job runs, and ``.NAME.tmp-*`` temp files of a write in progress.
 Version 1 wrote ``manifest.json``, ``rejected.parquet`` and ``manifest.rank-NNNNN.json`` beside the parts. A
 rerun of the same job over such a directory migrates it in place (rejected rows moved, manifest rewritten,
 the old names removed; each step a rename, so a kill in between is picked up by the next run) and resumes.
+
+What ``overwrite`` may replace: only a directory whose ``_manifest.json`` (or version-1 ``manifest.json``) is a
+``segfast-scores`` manifest and which holds nothing but the scorer's names. A ``manifest.json`` of another kind
+(a prepared dataset's) is a foreign file, and so are Parquet parts without a scores manifest (the scorer writes
+its manifest before any part); both are refused with or without ``overwrite``, and the message then does not
+suggest it (segfast._guard has the same rule for the other commands).
 """
 from __future__ import annotations
 
@@ -135,6 +141,13 @@ def _migrate_v1(out: Path, prev: dict, names: list) -> dict:
     return new
 
 
+def _scores_manifest(path: Path) -> bool:
+    """A manifest file that is really the scorer's (format segfast-scores): only then are the names around it
+    the scorer's (a prepared dataset's manifest.json shares the version-1 manifest's name)."""
+    m = read_json(path)
+    return isinstance(m, dict) and m.get("format") == FORMAT
+
+
 def _same_job(man, identity: dict) -> bool:
     return isinstance(man, dict) and man.get("format") == FORMAT and man.get("identity") == identity
 
@@ -147,17 +160,18 @@ def setup_out_dir(out: Path, identity: dict, overwrite: bool) -> tuple:
     out.mkdir(parents=True, exist_ok=True)
     names = sorted(p.name for p in out.iterdir())
     foreign = [n for n in names if not _is_ours(n)]
+    foreign += [n for n in (MANIFEST, _V1_MANIFEST) if n in names and not _scores_manifest(out / n)]
     if REJECTED_DIR in names and not ((out / REJECTED_DIR).is_dir() and _rejected_ours(out / REJECTED_DIR)):
         foreign.append(f"{REJECTED_DIR}/ (with other files)")
-    prev = read_json(out / MANIFEST) if (out / MANIFEST).is_file() else None
-    if prev is None and (out / _V1_MANIFEST).is_file():
+    prev = read_json(out / MANIFEST) if MANIFEST not in foreign and (out / MANIFEST).is_file() else None
+    if prev is None and _V1_MANIFEST not in foreign and (out / _V1_MANIFEST).is_file():
         old = read_json(out / _V1_MANIFEST)
         if _same_job(old, identity) and old.get("version", 1) == 1 and not foreign:
             prev = _migrate_v1(out, old, names)  # same job, old layout: migrate, then resume below
             names = sorted(p.name for p in out.iterdir())
         else:
             prev = old
-    elif prev is not None and (out / _V1_MANIFEST).is_file():
+    elif prev is not None and _V1_MANIFEST not in foreign and (out / _V1_MANIFEST).is_file():
         (out / _V1_MANIFEST).unlink()  # a migration killed after its manifest was written
         names.remove(_V1_MANIFEST)
     if not _same_job(prev, identity):
@@ -165,11 +179,15 @@ def setup_out_dir(out: Path, identity: dict, overwrite: bool) -> tuple:
         if prev is None and not names:
             return {}, None
         if foreign and prev is None:
-            raise OutDirError(f"{out}: not empty and not a segfast score output (holds {foreign[:5]}); choose an "
-                              "empty or new directory")
+            raise OutDirError(f"{out}: not empty and not a segfast score output (holds {foreign[:5]}); --overwrite "
+                              "replaces only a directory segfast score wrote: choose an empty or new directory")
         if foreign:
             raise OutDirError(f"{out}: holds files the scorer did not write ({foreign[:5]}) beside its output; "
                               "remove them or choose another directory")
+        if prev is None and any(_PART_RE.match(n) for n in ours):  # parts are written after the manifest
+            raise OutDirError(f"{out}: holds Parquet parts but no segfast score manifest ({ours[:5]}); "
+                              "--overwrite replaces only an output segfast score wrote: remove them or choose "
+                              "another directory")
         if not overwrite:
             if isinstance(prev, dict) and prev.get("format") == FORMAT:
                 diff = identity_diff(prev.get("identity") or {}, identity)

@@ -3,7 +3,6 @@ whose user or video the prepared dataset does not know are refused (on_unknown="
 ``_rejected/part-00000.parquet`` (on_unknown="skip")."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -33,7 +32,7 @@ def scan(pairs, index: IdIndex, on_unknown: str, data_dir, write_rejected: Optio
     try:
         if write_rejected is not None:
             write_rejected.parent.mkdir(parents=True, exist_ok=True)
-            tmp = write_rejected.with_name(f".{write_rejected.name}.tmp-{os.getpid()}")
+            tmp = _io.create_temp(write_rejected)  # O_EXCL | O_NOFOLLOW, unpredictable name (segfast._io)
             writer = pq.ParquetWriter(tmp, schema, compression="zstd")
         for r0, cols in pairs.chunks():
             _, _, ku, kv, hf = index.known(cols["user_id"], cols["video_id"])
@@ -66,8 +65,7 @@ def scan(pairs, index: IdIndex, on_unknown: str, data_dir, write_rejected: Optio
         if writer is not None:
             writer.close()
             writer = None
-            os.chmod(tmp, _io.file_mode())
-            os.replace(tmp, write_rejected)
+            _io.commit_temp(tmp, write_rejected)
     except BaseException:
         if writer is not None:
             writer.close()
