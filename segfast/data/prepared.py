@@ -146,7 +146,6 @@ def _check_out(out: Path, overwrite: bool) -> None:
     _io.remove_stale_temps(out.parent, out.name)
 
 
-
 def _feature_rows(fs, video_ids: np.ndarray, nseg: np.ndarray) -> np.ndarray:
     """Flat feature-source rows of all segments of the given videos, in order."""
     res = fs.rows_for(video_ids, nseg)
