@@ -178,3 +178,27 @@ def test_two_score_processes_on_one_out(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert v.returncode == 0, v.stdout + v.stderr
     assert json.loads(v.stdout)["ok"] is True
+
+
+@pytest.mark.parametrize("command", ["prepare", "score", "train", "thumbnails", "edit"])
+def test_every_writing_command_is_refused_while_another_holds_its_out(tmp_path, capfd, command):
+    from segfast.cli import main
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "pairs.parquet").write_bytes(b"")
+    out = tmp_path / ("o.parquet" if command in ("thumbnails", "edit") else "o")
+    argv = {"prepare": ["--source", "segmm", "--input", str(tmp_path / "in")],
+            "train": ["--data", str(tmp_path / "in")],
+            }.get(command, ["--run-dir", str(tmp_path / "in"), "--data", str(tmp_path / "in"), "--pairs",
+                            str(tmp_path / "pairs.parquet"), "--device", "cpu"])
+    h = _holder(lock_path(out), 4242, "other-host")
+    try:
+        capfd.readouterr()
+        rc = main([command, *argv, "--out", str(out), "--json", "--quiet"])
+        o, e = capfd.readouterr()
+    finally:
+        h.kill()
+        h.wait()
+    assert rc == 2 and o == "" and e.count("\n") == 1, e
+    assert "another segfast writer holds it: pid 4242 on host other-host" in e
+    assert not out.exists()  # nothing written
