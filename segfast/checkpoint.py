@@ -330,6 +330,7 @@ def save_state(run_dir, which: str, model, state: dict, optimizer=None, device=N
     """Write RUN/<which>/ whole (model, optimizer, RNG, state.json) and swap it in atomically."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    _io.remove_stale_temps(run_dir, which)  # the temp directory of a save killed part-way (not .NAME.old)
     tmp = _io.temp_dir(run_dir, prefix=f".{which}.tmp-")  # mode as umask implies (mkdtemp alone: 0700)
     try:
         save_model(tmp / "model.safetensors", model)

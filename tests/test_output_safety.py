@@ -175,6 +175,10 @@ def test_case_2_score_never_replaces_a_prepared_dataset(world, tmp_path, capfd):
     assert rc == 2 and "is the input --data" in e, e
     rc, _, e = _cli(capfd, *base, "--out", world["run"] / "scores")
     assert rc == 2 and "is inside the input --run-dir" in e, e
+    from segfast.scoring import score
+
+    with pytest.raises(OutputGuardError, match="is inside the input --data"):  # the library call too
+        score(world["run"], world["data"], world["pairs"], world["data"] / "scores", progress=False)
     assert _tree(world["data"]) == data_before
 
     # Parquet parts without a scores manifest are not recognised either
@@ -348,3 +352,18 @@ def test_remove_stale_temps_never_follows_a_link_and_restores_an_old_dir(tmp_pat
     assert (victim / "keep.txt").read_text() == "keep" and not os.path.lexists(link)
     assert (d / "out" / "manifest.json").read_text() == "{}" and other_host.is_dir()
     assert np.array_equal(sorted(os.listdir(d)), sorted(["out", other_host.name, legacy_new.name]))
+
+
+def test_checkpoint_save_removes_the_temp_dir_of_a_killed_save(tmp_path):
+    import torch
+
+    from segfast import checkpoint as ck
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    run = tmp_path / "run"
+    stale = run / f".last.tmp-{_io.HOST}-{dead.pid}-{'e' * 16}"
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"half")
+    ck.save_state(run, "last", torch.nn.Linear(2, 2), {"step": 1}, rng=False)
+    assert sorted(os.listdir(run)) == ["last"]

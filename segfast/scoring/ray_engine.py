@@ -171,6 +171,9 @@ def score_ray(run_dir, data_dir, pairs, out_dir, *, actors: int = 2, gpus_per_ac
                 "engine": "ray", "batch_rows": int(batch_rows)}
     if src.keep:
         identity["keep_columns"] = list(src.keep)
+    from segfast._guard import check_out_vs_inputs
+
+    check_out_vs_inputs(out, {"--data": data_dir, "--pairs": src.path, "--run-dir": run_dir}, "score")
     done, _ = setup_out_dir(out, identity, overwrite)  # refuses foreign / other-job directories
     prev = read_json(out / MANIFEST)
     if isinstance(prev, dict) and prev.get("complete") and len(done) == len(prev.get("parts", [])):

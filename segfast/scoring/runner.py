@@ -8,6 +8,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from segfast._guard import check_out_vs_inputs
 from segfast.scoring.common import (DEFAULT_PART_ROWS, FORMAT, MANIFEST, ON_UNKNOWN, OUTPUT_COLUMNS, REJECTED_DIR,
                                     REJECTED_FILE, VERSION, OutDirError, atomic_json, atomic_parquet, now,
                                     part_name, read_json, sha256_file)
@@ -115,6 +116,8 @@ def run_dataset(scorer, pairs, out_dir, *, part_rows: int = DEFAULT_PART_ROWS, o
         # ---- validation pass, output directory (rank 0), then every rank agrees it went well
         try:
             if rank == 0:
+                check_out_vs_inputs(out, {"--data": scorer.data_dir, "--pairs": src.path, "--run-dir": scorer.run_dir},
+                                    "score")  # never over its own inputs (segfast._guard)
                 done, migrated = setup_out_dir(out, identity, overwrite)  # refuse a foreign out_dir first
                 n_rej, rej_summary = scan(src, scorer.index, on_unknown, scorer.data_dir,
                                           rej_path if on_unknown == "skip" else None)
