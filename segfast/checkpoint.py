@@ -453,6 +453,7 @@ def check_compatible(meta: dict, prepared) -> None:
     if want is not None and hasattr(prepared, "content_fingerprint"):
         got = prepared.content_fingerprint()
         if got != want:
+            changed = getattr(prepared, "content_changed", None)
+            why = (f"{changed} changed since prepare" if changed else "another dataset, or its files changed")
             raise ValueError(f"{where}: the run was trained on data with content fingerprint {want[:12]}..., "
-                             f"the dataset's is {got[:12]}... (another dataset, or its files changed since); "
-                             "use the dataset the run was trained on")
+                             f"the dataset's is {got[:12]}... ({why}); use the dataset the run was trained on")

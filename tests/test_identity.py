@@ -86,18 +86,17 @@ def test_case5_changed_features_refuse_the_run_and_the_resume(world, tmp_path):
     out = tmp_path / "o"
     _partial(run, data, pairs, out, batch_size=50)
     _change_features(data)
-    with pytest.warns(UserWarning, match="features.npy"):
-        p2 = load_prepared(data)
-        fp2 = p2.content_fingerprint()
-    assert fp2 != world["p"].content_fingerprint()
-    # the run was trained on the old content: score refuses it
-    with pytest.warns(UserWarning), pytest.raises(ValueError, match="content fingerprint"):
+    p2 = load_prepared(data)
+    assert p2.content_fingerprint() != world["p"].content_fingerprint()
+    assert p2.content_changed == ["features.npy"]
+    # the run was trained on the old content: score refuses it, naming the changed file
+    with pytest.raises(ValueError, match=r"content fingerprint .*\['features.npy'\] changed since prepare"):
         score(run, data, pairs, out, batch_size=50, part_rows=60, progress=False)
     # a run made before the fingerprint (no content_sha256 in its config): the output's identity refuses it
     cfg = json.loads((run / "config.json").read_text())
     del cfg["data"]["content_sha256"]
     (run / "config.json").write_text(json.dumps(cfg))
-    with pytest.warns(UserWarning), pytest.raises(OutDirError, match="data.content_sha256"):
+    with pytest.raises(OutDirError, match="data.content_sha256"):
         score(run, data, pairs, out, batch_size=50, part_rows=60, progress=False)
     man = json.loads((out / "_manifest.json").read_text())
     assert len(man["parts"]) == 2  # the old parts untouched, nothing new mixed in

@@ -35,7 +35,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -467,13 +466,10 @@ class Prepared:
     def content_fingerprint(self) -> str:
         """sha256 of the dataset's data files as they are now (the id maps, interactions, features, visual
         histories): the digests stored by ``prepare`` for files whose size and mtime are unchanged, the others
-        (or all, for a dataset prepared without a fingerprint) hashed once (segfast._fingerprint)."""
+        (or all, for a dataset prepared without a fingerprint) hashed once (segfast._fingerprint). The names
+        of files whose content differs from the manifest's record are in ``content_changed`` afterwards."""
         if getattr(self, "_content_fp", None) is None:
-            fp, changed = _fp.current(self.path, self.manifest.get("fingerprint"))
-            if changed:
-                warnings.warn(f"{self.path}: {changed} changed since prepare (content differs from the manifest's "
-                              "fingerprint); runs and score outputs made on the old content will not match",
-                              stacklevel=2)
+            fp, self.content_changed = _fp.current(self.path, self.manifest.get("fingerprint"))
             self._content_fp = fp["sha256"]
         return self._content_fp
 
