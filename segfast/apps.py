@@ -12,14 +12,16 @@ row that gives ``videos.n_segments``, the largest N). The file-level functions s
 ``segfast.scoring.score`` (pairs Parquet: int64 user_id, video_id[, time_ms]; the same scoring options:
 backend, batch size, the unknown-id policy ``on_unknown`` "error" / "skip") into a temporary directory next
 to ``out_path`` and write one Parquet file atomically (``segfast._io``), one row per scored pair in input
-order. ``out_path`` may not be (or lie inside) the pairs, the prepared dataset or the run directory; an existing
+order. They stream: the scorer's parts are read back ``_CHUNK_ROWS`` pairs at a time, turned into output rows
+with array operations, and written as one row group each to the temporary file, so memory does not grow with
+the number of pairs (scoring itself is flat too; see docs/scoring.md). ``out_path`` may not be (or lie inside) the pairs, the prepared dataset or the run directory; an existing
 output is refused unless ``overwrite``, and even then unless segfast wrote it for the same command: the file's
 Parquet schema metadata key ``segfast.output`` holds ``{"kind": "thumbnails"}`` / ``{"kind": "edit"}``
 (segfast._guard).
 """
 from __future__ import annotations
 
-import math
+import contextlib
 import shutil
 from pathlib import Path
 from typing import Sequence
@@ -27,6 +29,8 @@ from typing import Sequence
 import numpy as np
 
 from segfast import MAX_SLOTS, SEGMENT_MS, _io
+
+_CHUNK_ROWS = 65_536  # pairs per output row group: thumbnails / edit hold about this many at a time
 
 __all__ = ["segment_range", "thumbnail_segment", "skip_ranges", "thumbnails", "edit"]
 
@@ -84,41 +88,37 @@ def skip_ranges(scores: Sequence[float], duration_ms: int, threshold: float) -> 
 # file level
 # ----------------------------------------------------------------------------------------------------
 
-def _video_durations(prepared) -> dict:
-    it = prepared.interactions
-    vid = np.asarray(it["video_idx"], dtype=np.int64)
-    dmax = np.zeros(prepared.n_videos, dtype=np.int64)
-    np.maximum.at(dmax, vid, np.asarray(it["duration_ms"], dtype=np.int64))
-    return dict(zip(np.asarray(prepared.videos["video_id"]).tolist(), dmax.tolist()))
-
-
+@contextlib.contextmanager
 def _scored(run_dir, data_dir, pairs_path, out_path, scoring: dict):
-    """(pairs, manifest): (user_id, video_id, scores) per scored pair in input order, via segfast.scoring.score
-    into a temporary directory beside ``out_path`` (removed afterwards). ``scoring``: score()'s options
-    (device, backend, batch_size, on_unknown, which, progress, ...); with on_unknown="skip" the unknown pairs
-    are left out (counted in the manifest's "rejected")."""
+    """Score the pairs with segfast.scoring.score into a temporary directory beside ``out_path`` (removed
+    afterwards) and yield (manifest, chunks): ``chunks`` yields, part by part in input order and at most
+    ``_CHUNK_ROWS`` rows at a time, (row, user_id, video_id, offsets, values): the scores of pair k are
+    ``values[offsets[k]:offsets[k + 1]]``. Memory stays flat in the number of pairs. ``scoring``: score()'s
+    options (device, backend, batch_size, on_unknown, which, progress, ...); with on_unknown="skip" the unknown
+    pairs are left out (counted in the manifest's "rejected")."""
     import pyarrow.parquet as pq
 
     from segfast.scoring import score
 
     out_path = Path(out_path)
     tmp = _io.temp_dir(out_path.parent, prefix=f".{out_path.name}.scores-")
+
+    def chunks():
+        last = -1
+        for part in sorted((tmp / "scores").glob("part-*.parquet")):
+            for b in pq.ParquetFile(part).iter_batches(batch_size=_CHUNK_ROWS,
+                                                       columns=["row", "user_id", "video_id", "scores"]):
+                row = b.column(0).to_numpy()
+                if row.size and (row[0] <= last or (row.size > 1 and (np.diff(row) <= 0).any())):
+                    raise AssertionError(f"{part}: rows out of input order")  # the scorer's invariant
+                last = int(row[-1]) if row.size else last
+                sc = b.column(3)
+                yield (row, b.column(1).to_numpy(), b.column(2).to_numpy(),
+                       np.asarray(sc.offsets, dtype=np.int64), np.asarray(sc.values, dtype=np.float64))
+
     try:
         man = score(run_dir, data_dir, pairs_path, tmp / "scores", **scoring)
-        parts = sorted((tmp / "scores").glob("part-*.parquet"))
-        tables = [pq.read_table(p, columns=["row", "user_id", "video_id", "scores"]) for p in parts]
-        rows, uids, vids, sc = [], [], [], []
-        for t in tables:
-            rows.append(t.column("row").to_numpy())
-            uids.append(t.column("user_id").to_numpy())
-            vids.append(t.column("video_id").to_numpy())
-            sc.extend(t.column("scores").to_pylist())
-        if not rows:
-            return [], man
-        rows = np.concatenate(rows)
-        order = np.argsort(rows, kind="stable")
-        uids, vids = np.concatenate(uids), np.concatenate(vids)
-        return [(int(uids[i]), int(vids[i]), sc[i]) for i in order], man
+        yield man, chunks()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -139,17 +139,6 @@ def _inputs(run_dir, data_dir, pairs_path) -> dict:
     return {"--run-dir": run_dir, "--data": data_dir, "--pairs": pairs_path}
 
 
-def _write(out_path, table, kind: str, overwrite: bool) -> None:
-    """Write the output atomically, marked as segfast ``kind``'s (its Parquet schema metadata, which is how
-    --overwrite recognises it); what is at ``out_path`` now is checked again first."""
-    from segfast._guard import check_replace_file, file_metadata
-
-    check_replace_file(out_path, kind, overwrite)
-    meta = dict(table.schema.metadata or {})
-    meta.update(file_metadata(kind))
-    _io.write_parquet(out_path, table.replace_schema_metadata(meta))
-
-
 def _scoring(device, progress, options: dict) -> dict:
     allowed = {"backend", "batch_size", "on_unknown", "which", "part_rows", "prefetch", "max_batch_bytes",
                "precision", "feature_memory_bytes"}
@@ -159,24 +148,80 @@ def _scoring(device, progress, options: dict) -> dict:
     return dict(options, device=device, progress=progress)
 
 
-def _summary(pairs, man, out_path) -> dict:
+def _summary(n_pairs: int, man, out_path) -> dict:
     rej = man.get("rejected") or {}
-    return {"pairs": len(pairs), "rejected": int(man.get("rows_rejected") or 0),
+    return {"pairs": int(n_pairs), "rejected": int(man.get("rows_rejected") or 0),
             "rejected_summary": rej.get("summary"), "out": str(out_path),
             "backend": man.get("backend"), "device": man.get("device"), "precision": man.get("precision"),
             "batch_size": man.get("effective_batch_size")}
 
 
-def _durations_for(data_dir, pairs) -> list:
-    from segfast.data.prepared import load_prepared
+class _Durations:
+    """Video id -> duration_ms (the largest over the video's rows), looked up for whole arrays."""
 
-    dur = _video_durations(load_prepared(data_dir))
-    out = []
-    for k, (u, v, _) in enumerate(pairs):
-        if v not in dur:
-            raise ValueError(f"pair {k} (user {u}, video {v}): video not in the prepared dataset {data_dir}")
-        out.append(dur[v])
-    return out
+    def __init__(self, data_dir):
+        from segfast.data.prepared import load_prepared
+
+        p = load_prepared(data_dir)
+        it = p.interactions
+        dmax = np.zeros(p.n_videos, dtype=np.int64)
+        np.maximum.at(dmax, np.asarray(it["video_idx"], dtype=np.int64), np.asarray(it["duration_ms"], np.int64))
+        vid = np.asarray(p.videos["video_id"], dtype=np.int64)
+        o = np.argsort(vid)
+        self.vid, self.dur, self.data_dir = vid[o], dmax[o], data_dir
+
+    def __call__(self, row, uid, vid) -> np.ndarray:
+        pos = np.minimum(np.searchsorted(self.vid, vid), max(self.vid.size - 1, 0))
+        ok = self.vid[pos] == vid if self.vid.size else np.zeros(vid.shape, bool)
+        if not ok.all():
+            k = int(np.flatnonzero(~ok)[0])
+            raise ValueError(f"pair at input row {row[k]} (user {uid[k]}, video {vid[k]}): video not in the "
+                             f"prepared dataset {self.data_dir}")
+        return self.dur[pos]
+
+
+def _padded(row, offsets, values, dur):
+    """(scores float64 [k, L] of the first N = ceil(duration / 5000) segments of each pair, -inf after N;
+    the valid mask; N); errors as thumbnail_segment / skip_ranges give them."""
+    if ((dur <= 0) | (dur >= MAX_SLOTS * SEGMENT_MS)).any():
+        k = int(np.flatnonzero((dur <= 0) | (dur >= MAX_SLOTS * SEGMENT_MS))[0])
+        raise ValueError(f"duration_ms={dur[k]}: expected 0 < duration_ms < {MAX_SLOTS * SEGMENT_MS}")
+    n = -(-dur // SEGMENT_MS)
+    have = np.diff(offsets)
+    if (have < n).any():
+        k = int(np.flatnonzero(have < n)[0])
+        raise ValueError(f"input row {row[k]}: {have[k]} scores for a video of {dur[k]} ms, which has {n[k]} segments")
+    width = int(n.max()) if n.size else 0
+    slot = np.arange(width, dtype=np.int64)
+    valid = slot[None, :] < n[:, None]
+    idx = np.where(valid, offsets[:-1, None] + slot[None, :], 0)
+    s = np.where(valid, values[idx] if values.size else 0.0, -np.inf)
+    bad = valid & ~np.isfinite(s)
+    if bad.any():
+        k = int(np.flatnonzero(bad.any(axis=1))[0])
+        raise ValueError(f"input row {row[k]}: non-finite score at segment {int(np.flatnonzero(bad[k])[0])}")
+    return s, valid, n
+
+
+def _write_stream(out_path, schema, tables, kind: str, overwrite: bool) -> int:
+    """Write the Parquet output from an iterable of tables (``schema``), one row group at a time, to a temporary
+    file beside ``out_path`` renamed onto it at the end (segfast._io), marked as segfast ``kind``'s; what is at
+    ``out_path`` is checked again just before the rename. Returns the rows written."""
+    import pyarrow.parquet as pq
+
+    from segfast._guard import check_replace_file, file_metadata
+
+    meta = dict(schema.metadata or {})
+    meta.update(file_metadata(kind))
+    schema = schema.with_metadata(meta)
+    rows = 0
+    with _io.atomic_path(out_path) as tmp:
+        with pq.ParquetWriter(tmp, schema, compression="zstd") as w:
+            for t in tables:
+                w.write_table(t.replace_schema_metadata(meta))
+                rows += t.num_rows
+        check_replace_file(out_path, kind, overwrite)
+    return rows
 
 
 def thumbnails(run_dir, data_dir, pairs_path, out_path, device="cpu", progress: bool = False,
@@ -190,19 +235,26 @@ def thumbnails(run_dir, data_dir, pairs_path, out_path, device="cpu", progress: 
     import pyarrow as pa
 
     out_path = _check_output(out_path, overwrite, "thumbnails", _inputs(run_dir, data_dir, pairs_path))
-    pairs, man = _scored(run_dir, data_dir, pairs_path, out_path, _scoring(device, progress, scoring))
-    durs = _durations_for(data_dir, pairs)
-    cols = {k: [] for k in ("user_id", "video_id", "n_segments", "duration_ms", "thumbnail_slot", "start_ms",
-                            "end_ms", "interest")}
-    for (u, v, s), d in zip(pairs, durs):
-        i, a, b = thumbnail_segment(s, d)
-        for k, x in zip(cols, (u, v, len(s), d, i, a, b, 1.0 / (1.0 + math.exp(-float(s[i]))))):
-            cols[k].append(x)
+    durations = _Durations(data_dir)
     types = {"user_id": pa.int64(), "video_id": pa.int64(), "n_segments": pa.int8(), "duration_ms": pa.int64(),
              "thumbnail_slot": pa.int8(), "start_ms": pa.int64(), "end_ms": pa.int64(), "interest": pa.float32()}
-    table = pa.table({k: pa.array(v, type=types[k]) for k, v in cols.items()})
-    _write(out_path, table, "thumbnails", overwrite)
-    return _summary(pairs, man, out_path)
+    schema = pa.schema(list(types.items()))
+
+    def tables(chunks):
+        for row, uid, vid, offsets, values in chunks:
+            d = durations(row, uid, vid)
+            s, _, n = _padded(row, offsets, values, d)
+            i = np.argmax(s, axis=1) if row.size else np.zeros(0, np.int64)  # the earliest on ties
+            best = s[np.arange(row.size), i] if row.size else np.zeros(0)
+            with np.errstate(over="ignore"):
+                interest = 1.0 / (1.0 + np.exp(-best))
+            cols = (uid, vid, n, d, i, SEGMENT_MS * i, np.minimum(SEGMENT_MS * (i + 1), d), interest)
+            yield pa.table({k: pa.array(np.asarray(x).astype(types[k].to_pandas_dtype()), type=types[k])
+                            for k, x in zip(types, cols)}, schema=schema)
+
+    with _scored(run_dir, data_dir, pairs_path, out_path, _scoring(device, progress, scoring)) as (man, chunks):
+        n_pairs = _write_stream(out_path, schema, tables(chunks), "thumbnails", overwrite)
+    return _summary(n_pairs, man, out_path)
 
 
 def edit(run_dir, data_dir, pairs_path, out_path, threshold: float = 0.5, device="cpu",
@@ -217,20 +269,41 @@ def edit(run_dir, data_dir, pairs_path, out_path, threshold: float = 0.5, device
     if not 0.0 <= float(threshold) <= 1.0:
         raise ValueError(f"threshold={threshold!r}: expected a probability in [0, 1]")
     out_path = _check_output(out_path, overwrite, "edit", _inputs(run_dir, data_dir, pairs_path))
-    pairs, man = _scored(run_dir, data_dir, pairs_path, out_path, _scoring(device, progress, scoring))
-    durs = _durations_for(data_dir, pairs)
-    cols = {k: [] for k in ("user_id", "video_id", "n_segments", "duration_ms", "skip_start_ms", "skip_end_ms",
-                            "skipped_ms", "kept_ms")}
-    for (u, v, s), d in zip(pairs, durs):
-        r = skip_ranges(s, d, threshold)
-        skipped = sum(b - a for a, b in r)
-        for k, x in zip(cols, (u, v, len(s), d, [a for a, _ in r], [b for _, b in r], skipped, d - skipped)):
-            cols[k].append(x)
+    durations = _Durations(data_dir)
     types = {"user_id": pa.int64(), "video_id": pa.int64(), "n_segments": pa.int8(), "duration_ms": pa.int64(),
              "skip_start_ms": pa.list_(pa.int64()), "skip_end_ms": pa.list_(pa.int64()),
              "skipped_ms": pa.int64(), "kept_ms": pa.int64()}
-    table = pa.table({k: pa.array(v, type=types[k]) for k, v in cols.items()})
-    _write(out_path, table, "edit", overwrite)
-    total = sum(durs)
-    return dict(_summary(pairs, man, out_path),
-                skipped_fraction=(sum(cols["skipped_ms"]) / total) if total else 0.0)
+    schema = pa.schema(list(types.items()))
+    totals = {"skipped": 0, "duration": 0}
+
+    def tables(chunks):
+        for row, uid, vid, offsets, values in chunks:
+            d = durations(row, uid, vid)
+            s, valid, n = _padded(row, offsets, values, d)
+            with np.errstate(over="ignore"):
+                low = valid & (1.0 / (1.0 + np.exp(-s)) < float(threshold))
+            prev = np.zeros_like(low)
+            prev[:, 1:] = low[:, :-1]
+            nxt = np.zeros_like(low)
+            nxt[:, :-1] = low[:, 1:]
+            r0, i0 = np.nonzero(low & ~prev)  # run starts, row-major: in row order, then slot order
+            r1, i1 = np.nonzero(low & ~nxt)   # run ends, paired with the starts
+            start = SEGMENT_MS * i0.astype(np.int64)
+            end = np.minimum(SEGMENT_MS * (i1.astype(np.int64) + 1), d[r1])
+            off = np.zeros(row.size + 1, dtype=np.int32)
+            np.cumsum(np.bincount(r0, minlength=row.size), out=off[1:])
+            skipped = np.bincount(r0, weights=end - start, minlength=row.size).astype(np.int64)
+            totals["skipped"] += int(skipped.sum())
+            totals["duration"] += int(d.sum())
+            yield pa.table({"user_id": pa.array(uid, pa.int64()), "video_id": pa.array(vid, pa.int64()),
+                            "n_segments": pa.array(n.astype(np.int8), pa.int8()),
+                            "duration_ms": pa.array(d, pa.int64()),
+                            "skip_start_ms": pa.ListArray.from_arrays(pa.array(off), pa.array(start, pa.int64())),
+                            "skip_end_ms": pa.ListArray.from_arrays(pa.array(off), pa.array(end, pa.int64())),
+                            "skipped_ms": pa.array(skipped, pa.int64()),
+                            "kept_ms": pa.array(d - skipped, pa.int64())}, schema=schema)
+
+    with _scored(run_dir, data_dir, pairs_path, out_path, _scoring(device, progress, scoring)) as (man, chunks):
+        n_pairs = _write_stream(out_path, schema, tables(chunks), "edit", overwrite)
+    return dict(_summary(n_pairs, man, out_path),
+                skipped_fraction=(totals["skipped"] / totals["duration"]) if totals["duration"] else 0.0)

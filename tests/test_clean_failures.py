@@ -9,7 +9,6 @@ making the writer raise the OSError the kernel would (ENOSPC, EACCES)."""
 from __future__ import annotations
 
 import errno
-import os
 import signal
 import subprocess
 import sys
@@ -21,7 +20,6 @@ import pytest
 
 from segfast import _errors
 from segfast.cli import main
-from segfast.data.sources.segmm import FEAT_FILE, INTER_FILE, MAP_FILE  # noqa: F401 (the release files)
 from segfast.data.synth import synth
 
 ROOT = Path(__file__).resolve().parents[1]
