@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 from pathlib import Path
 
 from segfast import _io
+from segfast._fingerprint import sha256_file  # noqa: F401  (one file digest for segfast; the scoring modules import it from here)
 
 FORMAT = "segfast-scores"
 VERSION = 2  # 2: _manifest.json and _rejected/ (names dataset discovery ignores); 1 had manifest.json, rejected.parquet
@@ -35,17 +35,6 @@ class UnknownIdsError(ScoreInputError):
 
 class OutDirError(FileExistsError):
     """An output directory that holds something else than this scoring job's output."""
-
-
-def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
 
 
 def atomic_json(path: Path, obj) -> None:
