@@ -230,7 +230,13 @@ def score_ray(run_dir, data_dir, pairs, out_dir, *, actors: int = 2, gpus_per_ac
         else:
             kw["partitioning"] = None
         settle_fsspec_http()
-        ds = ray.data.read_parquet([str(f.path) for f in src.files], file_extensions=None, num_cpus=_IO_CPUS, **kw)
+        import pyarrow.fs as pafs
+
+        # the files are local paths (segfast's own pairs reader found them): naming the filesystem keeps Ray's
+        # file listing (which runs in worker processes) from resolving one through fsspec, where the import race
+        # of settle_fsspec_http would otherwise happen again in every worker
+        ds = ray.data.read_parquet([str(f.path) for f in src.files], file_extensions=None, num_cpus=_IO_CPUS,
+                                   filesystem=pafs.LocalFileSystem(), **kw)
         # a pairs file is small in bytes but heavy in compute: blocks of batch_rows rows (streaming), so that every
         # actor gets work (Ray's blocks are sized by bytes: a few-million-row file would go to a single actor)
         ds = ds.select_columns(read_cols).repartition(target_num_rows_per_block=int(batch_rows))
