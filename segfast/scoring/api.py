@@ -46,7 +46,6 @@ class Scorer:
                  feature_memory_bytes: Optional[int] = None):
         from segfast.features import FeatureStore
         from segfast.scoring.batches import pair_bytes
-        from segfast.scoring.forward import accepts_unique
         from segfast.scoring.index import IdIndex
 
         self.model, self.meta, self.prepared = model, meta, prepared
@@ -55,7 +54,8 @@ class Scorer:
         self.precision = precision  # autocast of every model call (segfast.precision)
         self.config = model.config
         self.batch_size = int(batch_size)
-        self.fast = bool(fast) and accepts_unique(model)
+        # the fast path (unique batches, docs/internals.md "Batch contract") for a model that declares it
+        self.fast = bool(fast) and getattr(model, "accepts_unique_batches", False) is True
         self.index = IdIndex(prepared, self.config.uses_visual, self.config.max_user_tokens)
         self.effective_batch_size = int(max(1, min(self.batch_size,
                                                    max_batch_bytes // pair_bytes(self.config,

@@ -12,7 +12,6 @@ import numpy as np
 
 from segfast.scoring.common import MAX_SLOTS, TIME_COLUMN
 from segfast import precision as sfprec
-from segfast.scoring.forward import forward
 
 __all__ = ["Job", "part_table"]
 
@@ -164,7 +163,7 @@ class Job:
                     if kind == "batch":
                         dev = {k: v.to(self.device, non_blocking=cuda) for k, v in batch.items()}
                         with sfprec.autocast(self.device, self.precision):
-                            logits = forward(self.model, dev)
+                            logits = self.model.score(dev)  # the model owns its forward
                         logits = logits.float().cpu().numpy()
                         t2 = time.perf_counter()
                         t["compute_s"] += t2 - t1
