@@ -29,6 +29,7 @@ segments.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Dict, Iterable, Optional, Sequence
 
 import numpy as np
@@ -514,26 +515,151 @@ def run_baselines(data_dir, split: str = "test", seed: int = 0, prior_strength: 
 # --------------------------------------------------------------------------------------------------------------
 # evaluating a trained run
 
-def evaluate_run(data_dir, run_dir, split: str = "test", batch_size: int = 1024, device="cpu", seed: int = 0,
-                 backend: Optional[str] = None, prepared=None, precision: Optional[str] = None) -> dict:
-    """Evaluate the best checkpoint of ``run_dir`` on ``split`` of the prepared dataset at ``data_dir``.
-
-    Returns {"split","rows","metrics":{HR/NDCG, MAE, rows},"cold":{...},"strict":{...}}. Tie-breaks are
-    seeded by (seed, interaction row number), so the result does not depend on batch_size. ``backend``
-    ("torch"/"triton") sets the segfast.ops default for the duration of the call. ``prepared`` may pass an
-    already loaded dataset (data_dir is then ignored). ``precision``: "fp32" / "bf16" / "fp16" autocast of the
-    model call (``segfast.precision``); None / "auto" = the device's default (bf16 on CUDA, fp32 on CPU), not the
-    precision the run was trained with. The result records it under "precision"."""
+def _scored_batches(model, prepared, split: str, batch_size: int, device, precision: str,
+                    backend: Optional[str] = None, progress: bool = False):
+    """Yield (logits float32 CPU tensor [B, 40], cpu columns {row, target, n_segments[, is_cold]}) of ``model``
+    over the rows of ``split`` (target < 40), in the loader's order, under ``precision``'s autocast and, when
+    given, ``backend`` (restored afterwards, as is the model's train/eval mode)."""
     import torch
     from segfast import ops
     from segfast import precision as sfprec
-    from segfast.checkpoint import check_compatible, load_run
     from segfast.data.batches import make_loader
+
+    sfprec.check_backend(precision, backend or getattr(getattr(model, "config", None), "backend", None)
+                         or ops.get_backend())
+    previous = ops.get_backend()
+    if backend is not None:
+        ops.set_backend(backend)
+        if hasattr(model, "set_backend"):  # the model passes its own backend to every op
+            model.set_backend(backend)
+    was_training = getattr(model, "training", False)
+    bar = None
+    try:
+        if hasattr(model, "eval"):
+            model.eval()
+        dev = torch.device(device)
+        with torch.no_grad():
+            mc = getattr(model, "config", None)
+            feats = mc.uses_visual if mc is not None else None  # an ID model needs no feature gather
+            mut = {"max_user_tokens": mc.max_user_tokens} if mc is not None else {}
+            store = None
+            if feats and hasattr(model, "set_feature_store"):  # features on the device (segfast.features)
+                from segfast.features import FeatureStore
+                store = FeatureStore(prepared.features, dev)
+                model.set_feature_store(store)
+            loader = make_loader(prepared, split, batch_size, shuffle=False, features=feats, exclude_full_40=True,
+                                 feature_rows=store is not None and store.resident, **mut)
+            if progress:
+                from tqdm.auto import tqdm
+                bar = tqdm(total=len(loader), desc=f"score {split}", unit="batch", dynamic_ncols=True)
+            for batch in loader:
+                cpu = {k: batch[k] for k in ("row", "target", "n_segments", "is_cold") if k in batch}
+                if dev.type != "cpu":
+                    batch = {k: (v.to(dev, non_blocking=True) if torch.is_tensor(v) else v)
+                             for k, v in batch.items()}
+                with sfprec.autocast(dev, precision):
+                    logits = model.score(batch)
+                yield logits.float().cpu(), cpu
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        if backend is not None:
+            ops.set_backend(previous)
+        if was_training and hasattr(model, "train"):
+            model.train()
+
+
+def split_logits(data_dir, run_dir, split: str = "dev", which: str = "best", batch_size: int = 1024,
+                 device="cpu", precision: Optional[str] = None, backend: Optional[str] = None, prepared=None,
+                 progress: bool = False) -> dict:
+    """The logits of checkpoint ``which`` of ``run_dir`` over the rows of ``split`` with target < 40:
+    {"logits" float32 [R, 40], "target", "n_segments", "row" int64 [R], "precision"} (numpy, loader order)."""
+    from segfast import precision as sfprec
+    from segfast.checkpoint import check_compatible, load_run
 
     if split not in ("train", "dev", "test"):
         raise ValueError(f"split: expected 'train', 'dev' or 'test', got {split!r}")
     if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+    precision = sfprec.resolve_precision(precision, device)
+    if prepared is None:
+        from segfast.data.prepared import load_prepared
+        prepared = load_prepared(data_dir)
+    inter = prepared.interactions
+    rows = split_rows(inter, split)
+    if rows.size == 0 or not (np.asarray(inter["target"])[rows] < S).any():
+        raise ValueError(f"split {split!r}: no rows with target < {S} in {data_dir} ({rows.size} rows); "
+                         "nothing to score")
+    model, meta = load_run(run_dir, which=which, device=device)
+    check_compatible(meta, prepared)
+    parts = {"logits": [], "target": [], "n_segments": [], "row": []}
+    for logits, cpu in _scored_batches(model, prepared, split, int(batch_size), device, precision, backend,
+                                       progress):
+        parts["logits"].append(logits.numpy())
+        for k in ("target", "n_segments", "row"):
+            parts[k].append(np.asarray(cpu[k]).astype(np.int64))
+    out = {k: (np.concatenate(v) if v else np.zeros((0, S) if k == "logits" else 0)) for k, v in parts.items()}
+    out["precision"] = precision
+    return out
+
+
+def _calibration_section(cal, fitted_on_the_fly: bool, logits, target, n, item_scores) -> dict:
+    """The "calibration" section of evaluate_run: reliability of the per-slot keep probabilities before
+    (sigmoid of the raw logit) and after calibration, on the observed slots, and the watch-time MAEs."""
+    from segfast import calibration as C
+
+    labels, obs = C.keep_labels(target, n)
+    keep = C.Calibrator.keep_probability(cal, logits, n)
+    raw = 0.5 * (1.0 + np.tanh(0.5 * np.asarray(logits, dtype=np.float64)))
+    before = C.reliability(raw[obs], labels[obs])
+    after = C.reliability(keep[obs], labels[obs])
+    e_cal = C.expected_watch_segments(keep, n)
+    e_rs = _expected_slot_np(np.asarray(logits, dtype=np.float64), n)
+    e_item = _expected_slot_np(item_scores, n)
+    return {
+        "calibrator": {"form": cal.form, "feature": cal.feature, "checkpoint": cal.checkpoint,
+                       "fitted_on": cal.fitted_on,
+                       "source": "fitted on dev now (not written: run segfast calibrate to store it)"
+                       if fitted_on_the_fly else "calibration.json"},
+        "slots": before["slots"], "observed_keep_rate": before["observed_keep_rate"], "bins": 15,
+        "before": {"ece": before["ece"], "brier": before["brier"], "mean_predicted": before["mean_predicted"]},
+        "after": {"ece": after["ece"], "brier": after["brier"], "mean_predicted": after["mean_predicted"]},
+        "reliability": {"before": before["bins"], "after": after["bins"]},
+        "watch_time_mae": {"calibrated": float(np.abs(e_cal - target).mean()),
+                           "reciprocal_softmax": float(np.abs(e_rs - target).mean()),
+                           "ItemPosition": float(np.abs(e_item - target).mean())},
+    }
+
+
+def evaluate_run(data_dir, run_dir, split: str = "test", batch_size: int = 1024, device="cpu", seed: int = 0,
+                 backend: Optional[str] = None, prepared=None, precision: Optional[str] = None,
+                 calibration: bool = True, plots=None) -> dict:
+    """Evaluate the best checkpoint of ``run_dir`` on ``split`` of the prepared dataset at ``data_dir``.
+
+    Returns {"split","rows","metrics":{HR/NDCG, MAE, rows},"cold":{...},"strict":{...},"calibration":{...}}.
+    Tie-breaks are seeded by (seed, interaction row number), so the result does not depend on batch_size.
+    ``backend`` ("torch"/"triton") sets the segfast.ops default for the duration of the call. ``prepared`` may
+    pass an already loaded dataset (data_dir is then ignored). ``precision``: "fp32" / "bf16" / "fp16" autocast
+    of the model call (``segfast.precision``); None / "auto" = the device's default (bf16 on CUDA, fp32 on CPU),
+    not the precision the run was trained with. The result records it under "precision".
+
+    ``calibration`` (default on): the "calibration" section (segfast.calibration): ECE (15 equal-width bins)
+    and Brier score of the per-slot keep probabilities on the observed slots, before (sigmoid of the raw
+    logit) and after calibration, the observed keep rate, and the watch-time MAE of the calibrated expectation
+    beside the reciprocal-softmax one and ItemPosition's. The run's calibration.json is used when it has one
+    for the best checkpoint; otherwise a calibrator is fitted on dev now (the section says so) and nothing is
+    written into the run. ``plots``: a directory to write reliability.png into (needs ``calibration``)."""
+    from segfast import precision as sfprec
+    from segfast.checkpoint import check_compatible, load_run
+
+    if split not in ("train", "dev", "test"):
+        raise ValueError(f"split: expected 'train', 'dev' or 'test', got {split!r}")
+    if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+    if plots is not None and not calibration:
+        raise ValueError("plots: the reliability diagram needs calibration=True")
     _check_seed(seed)
     precision = sfprec.resolve_precision(precision, device)
     if prepared is None:
@@ -548,51 +674,43 @@ def evaluate_run(data_dir, run_dir, split: str = "test", batch_size: int = 1024,
     model, meta = load_run(run_dir, which="best", device=device)
     check_compatible(meta, prepared)
     acc, acc_s = RankingAccumulator(seed, strict=False), RankingAccumulator(seed, strict=True)
-    sfprec.check_backend(precision, backend or getattr(getattr(model, "config", None), "backend", None)
-                         or ops.get_backend())
-    previous = ops.get_backend()
-    if backend is not None:
-        ops.set_backend(backend)
-        if hasattr(model, "set_backend"):  # the model passes its own backend to every op
-            model.set_backend(backend)
-    was_training = getattr(model, "training", False)
-    try:
-        if hasattr(model, "eval"):
-            model.eval()
-        dev = torch.device(device)
-        with torch.no_grad():
-            mc = getattr(model, "config", None)
-            feats = mc.uses_visual if mc is not None else None  # an ID model needs no feature gather
-            mut = {"max_user_tokens": mc.max_user_tokens} if mc is not None else {}
-            store = None
-            if feats and hasattr(model, "set_feature_store"):  # features on the device (segfast.features)
-                from segfast.features import FeatureStore
-                store = FeatureStore(prepared.features, dev)
-                model.set_feature_store(store)
-            for batch in make_loader(prepared, split, batch_size, shuffle=False, features=feats,
-                                     exclude_full_40=True, feature_rows=store is not None and store.resident,
-                                     **mut):
-                cpu = {k: batch[k] for k in ("row", "target", "n_segments", "is_cold") if k in batch}
-                if dev.type != "cpu":
-                    batch = {k: (v.to(dev, non_blocking=True) if torch.is_tensor(v) else v)
-                             for k, v in batch.items()}
-                with sfprec.autocast(dev, precision):
-                    logits = model.score(batch)
-                logits = logits.float()
-                args = (logits, cpu["target"], cpu["n_segments"])
-                kw = {"is_cold": cpu.get("is_cold"), "row_ids": cpu["row"]}
-                acc.update(*args, **kw)
-                acc_s.update(*args, **kw)
-    finally:
-        if backend is not None:
-            ops.set_backend(previous)
-        if was_training and hasattr(model, "train"):
-            model.train()
+    kept = {"logits": [], "target": [], "n_segments": [], "row": []}
+    for logits, cpu in _scored_batches(model, prepared, split, int(batch_size), device, precision, backend):
+        args = (logits, cpu["target"], cpu["n_segments"])
+        kw = {"is_cold": cpu.get("is_cold"), "row_ids": cpu["row"]}
+        acc.update(*args, **kw)
+        acc_s.update(*args, **kw)
+        if calibration:
+            kept["logits"].append(logits.numpy())
+            for k in ("target", "n_segments", "row"):
+                kept[k].append(np.asarray(cpu[k]).astype(np.int64))
     res = acc.result()
     if res["metrics"]["rows"] == 0:
         raise ValueError(f"split {split!r}: the loader yielded no rows with target < {S}")
-    return {"split": split, "rows": res["metrics"]["rows"], "metrics": res["metrics"], "cold": res["cold"],
-            "strict": acc_s.result()["metrics"], "precision": precision}
+    out = {"split": split, "rows": res["metrics"]["rows"], "metrics": res["metrics"], "cold": res["cold"],
+           "strict": acc_s.result()["metrics"], "precision": precision}
+    if calibration:
+        from segfast import calibration as C
+
+        try:
+            cal, fly = C.load_calibrator(run_dir, "best"), False
+        except C.CalibrationMissingError:  # (a corrupt calibration.json is an error, not refitted silently)
+            d = split_logits(None, run_dir, "dev", which="best", batch_size=batch_size, device=device,
+                             precision=precision, backend=backend, prepared=prepared)
+            cal = C.fit_calibrator(d["logits"], d["target"], d["n_segments"],
+                                   checkpoint=C.checkpoint_digest(run_dir, "best"))
+            fly = True
+        ev = {k: np.concatenate(v) for k, v in kept.items()}
+        item = PositionBaseline("ItemPosition").fit(inter, np.flatnonzero(np.isin(_column(inter, "split"),
+                                                                                    fit_splits_for(split))))
+        out["calibration"] = _calibration_section(cal, fly, ev["logits"], ev["target"], ev["n_segments"],
+                                                  item.scores(inter, ev["row"]))
+        if plots is not None:
+            from segfast.plots import reliability_diagram
+
+            out["calibration"]["plot"] = str(reliability_diagram(out["calibration"], Path(plots) / "reliability.png",
+                                                                 title=f"{Path(run_dir).name}, {split} split"))
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -632,4 +750,4 @@ def format_table(results: Dict[str, dict], section: str = "metrics", digits: int
 
 __all__ = ["ranking_metrics", "target_ranks", "watch_time_mae", "expected_leave_slot", "RankingAccumulator",
            "random_uniform", "split_rows", "fit_splits_for", "PositionBaseline", "baseline_scores",
-           "evaluate_baselines", "run_baselines", "evaluate_run", "format_table", "BASELINES"]
+           "evaluate_baselines", "run_baselines", "evaluate_run", "split_logits", "format_table", "BASELINES"]

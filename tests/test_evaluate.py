@@ -361,8 +361,8 @@ def test_evaluate_run_streams_batches_into_metrics(monkeypatch):
     seen = {}
     _fake_modules(monkeypatch, inter, logits, seen)
     prep = _Prepared(inter)
-    r1 = evaluate_run("data", "run", split="test", batch_size=64, seed=2, prepared=prep)
-    r2 = evaluate_run("data", "run", split="test", batch_size=7, seed=2, prepared=prep)
+    r1 = evaluate_run("data", "run", split="test", batch_size=64, seed=2, prepared=prep, calibration=False)
+    r2 = evaluate_run("data", "run", split="test", batch_size=7, seed=2, prepared=prep, calibration=False)
     assert seen["load"] == ("run", "best", "cpu") and seen["checked"]
     rows = np.flatnonzero(inter["split"] == 2)
     ref = ranking_metrics(logits[rows], y[rows], n[rows], seed=2, row_ids=rows)
