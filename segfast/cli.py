@@ -272,12 +272,33 @@ def _sections(results: dict) -> str:
     return "\n\n".join(f"{title}:\n{format_table(results, section=key)}" for key, title in SECTIONS)
 
 
+def _calibration_text(c: dict) -> str:
+    """Two lines on the calibration section of evaluate (segfast.calibration)."""
+    b, f, w = c["before"], c["after"], c["watch_time_mae"]
+    return (f"calibration ({c['calibrator']['form']} on the {c['calibrator']['feature']} logit, "
+            f"{c['calibrator']['source']}): {c['slots']} observed slots, keep rate {c['observed_keep_rate']:.4f}; "
+            f"ECE {b['ece']:.4f} -> {f['ece']:.4f}, Brier {b['brier']:.4f} -> {f['brier']:.4f} (sigmoid(logit) -> "
+            f"calibrated)\nwatch-time MAE (segments): calibrated {w['calibrated']:.4f}, reciprocal-softmax "
+            f"{w['reciprocal_softmax']:.4f}, ItemPosition {w['ItemPosition']:.4f}"
+            + (f"\nreliability diagram: {c['plot']}" if c.get("plot") else ""))
+
+
 def _cmd_evaluate(a):
     from segfast.evaluate import evaluate_run
 
     res = evaluate_run(a.data, a.run_dir, split=a.split, batch_size=a.batch_size, device=a.device,
-                       seed=a.seed, backend=a.backend, precision=a.precision)
-    return res, _sections({"model": res})
+                       seed=a.seed, backend=a.backend, precision=a.precision, plots=a.plots)
+    text = _sections({"model": res})
+    if res.get("calibration"):
+        text += "\n\n" + _calibration_text(res["calibration"])
+    return res, text
+
+
+def _cmd_calibrate(a):
+    from segfast.calibration import calibrate_from_args
+
+    res = calibrate_from_args(a)
+    return res, _text(res)
 
 
 def _cmd_baselines(a):
@@ -433,8 +454,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", choices=["train", "dev", "test"], default="test", help="which split's targets")
     s.add_argument("--batch-size", type=int, default=1024, help="rows per model call")
     s.add_argument("--seed", type=int, default=0, help="seed of the tie-breaks")
+    s.add_argument("--plots", default=None, metavar="DIR",
+                   help="write DIR/reliability.png: predicted vs observed keep rate, before / after calibration")
     _add_device(s)
     s.set_defaults(func=_cmd_evaluate)
+
+    s = _parser(sub, "calibrate", "fit the run's calibrator on dev (keep probabilities per segment) into "
+                                  "RUN/calibration.json", common)
+    _add_run_dir(s)
+    s.add_argument("--data", required=True, help="prepared dataset the run was trained on")
+    s.add_argument("--which", choices=["best", "last", "final"], default="best",
+                   help="checkpoint of the run to calibrate: best dev, last saved, or the exported model.safetensors")
+    s.add_argument("--batch-size", type=int, default=1024, help="rows per model call")
+    _add_device(s)
+    s.set_defaults(func=_cmd_calibrate)
 
     s = _parser(sub, "baselines", "Random, AllPosition, UserPosition, ItemPosition under the same protocol",
                 common)
