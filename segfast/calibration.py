@@ -52,8 +52,8 @@ import numpy as np
 
 __all__ = ["CALIBRATION_FILE", "FORMAT", "VERSION", "FORMS", "FEATURES", "DEFAULT_GROUPS", "DEFAULT_FORM",
            "DEFAULT_FEATURE", "CalibrationError", "CalibrationMissingError", "Calibrator", "keep_labels", "survival",
-           "leave_distribution", "expected_watch_segments", "most_likely_leave", "fit_calibrator", "reliability", "checkpoint_digest",
-           "load_calibrator", "save_calibrator", "calibrate_run", "calibrate_from_args"]
+           "leave_distribution", "expected_watch_segments", "most_likely_leave", "fit_calibrator", "reliability",
+           "checkpoint_digest", "load_calibrator", "save_calibrator", "calibrate_run", "calibrate_from_args"]
 
 CALIBRATION_FILE = "calibration.json"
 FORMAT = "segfast-calibration"
@@ -626,8 +626,12 @@ def calibrate_run(run_dir, data_dir, which: str = "best", device="cpu", batch_si
 
 
 def calibrate_from_args(a) -> dict:
-    """``segfast calibrate``: fit on dev, write RUN/calibration.json, report the dev fit."""
-    cal = calibrate_run(a.run_dir, a.data, which=a.which, device=a.device, batch_size=a.batch_size,
-                        progress=not a.quiet, precision=getattr(a, "precision", None))
+    """``segfast calibrate``: fit on dev, write RUN/calibration.json (under the run directory's lock, so never
+    beside a training session writing the same run), report the dev fit."""
+    from segfast._lock import output_lock
+
+    with output_lock(a.run_dir, "calibrate"):
+        cal = calibrate_run(a.run_dir, a.data, which=a.which, device=a.device, batch_size=a.batch_size,
+                            progress=not a.quiet, precision=getattr(a, "precision", None))
     return {"run_dir": str(a.run_dir), "file": str(Path(a.run_dir) / CALIBRATION_FILE), "which": a.which,
             "checkpoint": cal.checkpoint, "form": cal.form, "feature": cal.feature, "fitted_on": cal.fitted_on}
