@@ -14,6 +14,8 @@
   dev {...}, pairs_per_s, elapsed_s}; on resume, lines newer than the checkpoint are dropped.
 - When the run stops (epochs done, early stop, or max_steps), RUN/model.safetensors gets the best weights
   (the current ones if no evaluation happened yet) and RUN/metrics.json the summary.
+  A finished run (not one stopped by max_steps) also gets RUN/calibration.json: the calibrator of the best
+  checkpoint fitted on dev (segfast.calibration; the summary's "calibration" says which form, or the error).
 
 Several processes (``torchrun --nproc-per-node K -m segfast train ...``; WORLD_SIZE > 1 in the environment):
 
@@ -466,6 +468,8 @@ def _train(data_dir, out_dir, model_config: ModelConfig, tc: TrainConfig, progre
                        "best_step": st["best_step"], "best_dev": st["best_dev"], "evals": st["evals"],
                        "steps_per_epoch": steps_per_epoch, "precision": precision, "model": mc.to_dict(),
                        "train": tc.to_dict()}
+            if st["finished"]:  # the calibrator of the best checkpoint, fitted on dev (segfast.calibration)
+                summary["calibration"] = _calibrate_run(out, prepared, device, precision, tc)
             write_json(out / "metrics.json", summary)
             return summary
 
@@ -623,6 +627,24 @@ def _train(data_dir, out_dir, model_config: ModelConfig, tc: TrainConfig, progre
             return stop_run("epochs")
         finally:
             bar.close()
+
+
+def _calibrate_run(out: Path, prepared, device, precision: str, tc: TrainConfig) -> dict:
+    """Fit RUN/calibration.json for the best checkpoint on dev at the end of a finished run; a failure is
+    recorded in the summary (with the command that retries it) rather than failing the finished run."""
+    from segfast.calibration import CALIBRATION_FILE, calibrate_run
+
+    try:
+        cal = calibrate_run(out, prepared.path, which="best", device=str(device), prepared=prepared,
+                            batch_size=tc.eval_batch_size or 2 * tc.batch_size, precision=precision)
+    except ValueError as e:  # CalibrationError, CheckpointError and bad dev data are ValueErrors
+        import warnings
+
+        warnings.warn(f"{out}: the run finished but its calibration failed ({e}); retry with "
+                      f"segfast calibrate --run-dir {out} --data {prepared.path}")
+        return {"error": str(e)}
+    return {"file": CALIBRATION_FILE, "form": cal.form, "feature": cal.feature, "checkpoint": cal.checkpoint,
+            "fitted_on": cal.fitted_on}
 
 
 def _parse_value(text: str):
