@@ -26,6 +26,7 @@ RNG state: torch's CPU (and CUDA) generator states are uint8 tensors stored in `
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -206,6 +207,10 @@ def load_model_weights(path, model: torch.nn.Module) -> None:
             saved = json.loads(saved)
         except ValueError:
             raise CheckpointError(f"{path}: unreadable {_CONFIG_KEY} metadata") from None
+        # a field added after these weights were saved (e.g. prior) reads as its default, as in config.json
+        if dataclasses.is_dataclass(model.config) and isinstance(saved, dict):
+            saved = {**{f.name: f.default for f in dataclasses.fields(model.config)
+                        if f.name in own_cfg and f.default is not dataclasses.MISSING}, **saved}
         diff = sorted(k for k in set(saved) | set(own_cfg) if saved.get(k) != own_cfg.get(k))
         if diff:
             raise CheckpointError(f"{path}: the weights were built with another model config: "
@@ -225,6 +230,9 @@ def load_model_weights(path, model: torch.nn.Module) -> None:
     with torch.no_grad():
         for k, t in tensors.items():
             own[k].copy_(t)
+    for m in model.modules():  # the position prior's table came with the weights (segfast.model.decoder)
+        if hasattr(m, "prior_installed"):
+            m.prior_installed = True
 
 
 def _param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list:

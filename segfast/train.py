@@ -384,6 +384,9 @@ def _train(data_dir, out_dir, model_config: ModelConfig, tc: TrainConfig, progre
         np.random.seed(tc.seed)
         model = SegInterestModel(mc).to(device)
         model.set_seen_videos(np.asarray(prepared.videos["n_train"]) > 0)  # a resume reloads the same flags
+        if mc.prior != "none":  # the position prior's table from the training split (a resume reloads it)
+            from segfast.priors import compute_priors
+            model.install_prior(compute_priors(prepared.interactions, mc.prior, mc.n_users, mc.prior_strength))
         model.set_feature_store(store)
         opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
         scaler = sfprec.grad_scaler(device, precision)  # fp16 only

@@ -18,9 +18,10 @@ from dataclasses import dataclass, fields
 from typing import Any, Optional
 
 from segfast.ops import BACKENDS  # ("torch", "sdpa", "triton"): one list for the ops, the config and the CLI
+from segfast.priors import PRIORS  # ("none", "global", "user", "exposure"): position priors, docs/model.md
 
 __all__ = ["ModelConfig", "TrainConfig", "ConfigError", "PRESETS", "MODALITIES", "ABLATIONS", "LOSSES",
-           "model_preset", "train_preset"]
+           "PRIORS", "model_preset", "train_preset"]
 
 MODALITIES = ("id", "visual", "both")
 ABLATIONS = ("none", "cross-only", "self-only", "no-attention", "no-position")
@@ -93,6 +94,8 @@ class ModelConfig(_JsonConfig):
     video_id_dropout: float = 0.1  # training rate of replacing a row's video embedding by the unknown-video one
     feature_rescale: bool = True  # multiply the L1-normalised features by feature_dim (representation.py)
     slot_types: bool = True  # mark real / completed-pseudo-slot / padding slots (representation.py)
+    prior: str = "none"  # position prior: "none", "global", "user" (offsets), "exposure" (the authors' form)
+    prior_strength: float = 5.0  # shrinkage pseudo-rows of the per-user hazards toward the global ones
 
     def __post_init__(self) -> None:
         self.validate(require_data=False)
@@ -133,6 +136,11 @@ class ModelConfig(_JsonConfig):
                 bad(name, "expected true or false")
         if not isinstance(self.pos_init, (int, float)) or isinstance(self.pos_init, bool):
             bad("pos_init", "expected a number")
+        if self.prior not in PRIORS:
+            bad("prior", f"expected one of {PRIORS}")
+        if isinstance(self.prior_strength, bool) or not isinstance(self.prior_strength, (int, float)) \
+                or not (math.isfinite(float(self.prior_strength)) and float(self.prior_strength) >= 0):
+            bad("prior_strength", "expected a finite number >= 0")
         if self.d_model % self.n_heads:
             bad("d_model", f"must be divisible by n_heads={self.n_heads}")
         if self.uses_id and self.d_model % 2:
@@ -153,6 +161,8 @@ class ModelConfig(_JsonConfig):
             if self.uses_id and (self.n_users < 1 or self.n_videos < 1):
                 raise ConfigError(f"ModelConfig: modality {self.modality!r} needs n_users >= 1 and "
                                   f"n_videos >= 1, got {self.n_users} and {self.n_videos}")
+            if self.prior == "user" and self.n_users < 1:
+                bad("prior", "the per-user prior needs n_users >= 1 (the data's users)")
         return self
 
     def for_data(self, n_users: int, n_videos: int, feature_dim: Optional[int]) -> "ModelConfig":

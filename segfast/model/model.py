@@ -46,6 +46,9 @@ def expand_unique(batch: dict) -> dict:
     for key, inv in _UNIQUE.items():
         if key in batch:
             out[key[:-2]] = batch[key][batch[inv].long()]
+    for key, inv in (("user_idx_u", "user_inv"), ("video_idx_u", "video_inv")):  # a batch without the per-row ids
+        if key[:-2] not in out and key in batch:
+            out[key[:-2]] = batch[key][batch[inv].long()]
     return out
 
 
@@ -121,6 +124,8 @@ class SegInterestModel(nn.Module):
         cfg = self.config
         sfx = "_u" if unique else ""
         need = ["slot_mask", "slot_index"] + (["video_inv", "user_inv"] if unique else ["target"])
+        if cfg.prior == "user" and not ("user_idx" in batch or (unique and "user_idx_u" in batch)):
+            need.append("user_idx")  # the per-user prior's table row
         if cfg.uses_id:
             need += ["user_idx", "video_idx"] + (["user_idx_u", "video_idx_u"] if unique else [])
         if cfg.uses_visual:
@@ -142,8 +147,11 @@ class SegInterestModel(nn.Module):
         if cfg.uses_visual and any(k.endswith("_rows" + sfx) for k in batch) and self.feature_store is None:
             raise ValueError("the batch carries feature row indices but the model has no feature store "
                              "(model.set_feature_store(FeatureStore(prepared.features, device)))")
-        if cfg.uses_id:  # range checks where they are free (CPU tensors, before any transfer)
-            for key, n in (("user_idx", cfg.n_users), ("video_idx", cfg.n_videos)):
+        checks = [("user_idx", cfg.n_users), ("video_idx", cfg.n_videos)] if cfg.uses_id else []
+        if cfg.prior == "user" and not cfg.uses_id:
+            checks = [(k, cfg.n_users) for k in ("user_idx", "user_idx_u") if k in batch]
+        if checks:  # range checks where they are free (CPU tensors, before any transfer)
+            for key, n in checks:
                 t = batch[key]
                 if t.device.type == "cpu" and t.numel() and (int(t.min()) < 0 or int(t.max()) >= n):
                     raise IndexError(f"batch[{key!r}] has values in [{int(t.min())}, {int(t.max())}], "
@@ -221,6 +229,21 @@ class SegInterestModel(nn.Module):
         y = self.id(batch, pos_index, slot_mask) if self.id is not None else None
         return x, y, batch
 
+    def install_prior(self, table) -> None:
+        """Install the position prior's table (``segfast.priors.compute_priors`` of the training split);
+        ``segfast train`` does it for a new run, a loaded run has it in its weights."""
+        self.decoder.install_prior(table)
+
+    def _prior_terms(self, batch: dict, s: int) -> dict:
+        """ops keyword arguments of the position prior for ``batch`` (already on the device): {} without one."""
+        if self.config.prior == "none":
+            return {}
+        n = batch["slot_mask"].sum(1)  # slot_mask = slot < N (both batch kinds), also for trimmed S
+        user = batch.get("user_idx")
+        if user is None and "user_idx_u" in batch:
+            user = batch["user_idx_u"][batch["user_inv"].long()]
+        return self.decoder.prior_terms(user, n, s)
+
     # ---------------------------------------------------------------- API
     def forward(self, batch: dict) -> Tensor:
         """Interest logits [B, 40] (float32; padding slots included); [B, S] for a unique batch with S slots.
@@ -233,14 +256,16 @@ class SegInterestModel(nn.Module):
                 raise ValueError("a unique batch (video_inv / user_inv) is for inference: call model.eval() "
                                  "first, or train on per-row batches (expand_unique gives one)")
             self._check_batch(batch, unique=True)
-            x, y = self._encode_unique(batch_to(batch, self.device))
+            batch = batch_to(batch, self.device)
+            x, y = self._encode_unique(batch)
             s = batch["slot_mask"].shape[1]
             dec = self.decoder
             pa = None if dec.pos_a is None else dec.pos_a[:s]
             pc = None if dec.pos_c is None else dec.pos_c[:s]
-            return ops.segment_decoder(x, y, dec.w_x, dec.w_y, dec.bias, dec.fusion, pa, pc, backend=dec.backend)
-        x, y, _ = self._encode(batch)
-        return self.decoder(x, y)
+            return ops.segment_decoder(x, y, dec.w_x, dec.w_y, dec.bias, dec.fusion, pa, pc, backend=dec.backend,
+                                       **self._prior_terms(batch, s))
+        x, y, b = self._encode(batch)
+        return self.decoder(x, y, **self._prior_terms(b, b["slot_mask"].shape[1]))
 
     def loss(self, batch: dict) -> tuple[Tensor, Tensor]:
         """(logits [B, 40], loss []) with the configured intra-video loss; rows with target 40 excluded."""
@@ -250,7 +275,8 @@ class SegInterestModel(nn.Module):
         smask = b["slot_mask"] if kind == "bce" else None
         if kind == "bce" and labels is None:
             raise KeyError("the bce loss needs batch['labels']")
-        return self.decoder.decode_and_loss(x, y, b["target"].long(), kind, labels=labels, slot_mask=smask)
+        return self.decoder.decode_and_loss(x, y, b["target"].long(), kind, labels=labels, slot_mask=smask,
+                                            **self._prior_terms(b, b["slot_mask"].shape[1]))
 
     @torch.no_grad()
     def score(self, batch: dict) -> Tensor:

@@ -50,11 +50,19 @@ def cross_attention(q1, k1, v1, mask1, q2, k2, v2, mask2, scale=None, backend: O
     return reference.cross_attention(q1, k1, v1, mask1, q2, k2, v2, mask2, scale=scale)
 
 
-def segment_decoder(x, y, w_x, w_y, bias, fusion, pos_a, pos_c, backend: Optional[str] = None):
+def segment_decoder(x, y, w_x, w_y, bias, fusion, pos_a, pos_c, backend: Optional[str] = None,
+                    offset=None, log_exposure=None):
+    """Decoder logits [B, S]; ``offset`` [B, S] / ``log_exposure`` [S]: the position prior
+    (``reference.apply_prior``), applied after the decoder in every backend."""
     if _resolve(backend) == "triton":
         from segfast.kernels import decoder_loss as _k
-        return _k.segment_decoder(x, y, w_x, w_y, bias, fusion, pos_a, pos_c)
-    return reference.segment_decoder(x, y, w_x, w_y, bias, fusion, pos_a, pos_c)
+        # the prior is an elementwise op on the kernel's logits (autograd through the kernel's chain backward)
+        return reference.apply_prior(_k.segment_decoder(x, y, w_x, w_y, bias, fusion, pos_a, pos_c),
+                                     offset, log_exposure)
+    return reference.segment_decoder(x, y, w_x, w_y, bias, fusion, pos_a, pos_c, offset, log_exposure)
+
+
+apply_prior = reference.apply_prior
 
 
 def intra_video_loss(logits, target, kind="bpr-max", labels=None, slot_mask=None, backend: Optional[str] = None):
@@ -63,12 +71,23 @@ def intra_video_loss(logits, target, kind="bpr-max", labels=None, slot_mask=None
 
 
 def decode_and_loss(x, y, w_x, w_y, bias, fusion, pos_a, pos_c, target, kind="bpr-max",
-                    labels=None, slot_mask=None, backend: Optional[str] = None):
-    if _resolve(backend) == "triton" and kind in ("bpr-max", "bpr-max-literal", "pairwise"):
+                    labels=None, slot_mask=None, backend: Optional[str] = None, offset=None, log_exposure=None):
+    """(logits [B, S], loss []): the decoder, the optional position prior (``offset`` / ``log_exposure``,
+    ``reference.apply_prior``), then the intra-video loss on the prior-adjusted logits."""
+    b = _resolve(backend)
+    prior = offset is not None or log_exposure is not None
+    if b == "triton" and kind in ("bpr-max", "bpr-max-literal", "pairwise"):
         from segfast.kernels import decoder_loss as _k
-        return _k.decode_and_loss(x, y, w_x, w_y, bias, fusion, pos_a, pos_c, target, kind=kind)
-    return reference.decode_and_loss(x, y, w_x, w_y, bias, fusion, pos_a, pos_c, target, kind, labels, slot_mask)
+        if not prior:
+            return _k.decode_and_loss(x, y, w_x, w_y, bias, fusion, pos_a, pos_c, target, kind=kind)
+        # with a prior: the decoder kernel (chain backward), the prior and the loss in torch (not fused yet,
+        # csrc_notes/decoder_loss.md)
+        logits = reference.apply_prior(_k.segment_decoder(x, y, w_x, w_y, bias, fusion, pos_a, pos_c),
+                                       offset, log_exposure)
+        return logits, reference.intra_video_loss(logits, target, kind, labels, slot_mask)
+    return reference.decode_and_loss(x, y, w_x, w_y, bias, fusion, pos_a, pos_c, target, kind, labels, slot_mask,
+                                     offset, log_exposure)
 
 
 __all__ = ["set_backend", "get_backend", "cross_attention", "segment_decoder", "intra_video_loss",
-           "decode_and_loss", "reference", "BACKENDS"]
+           "decode_and_loss", "apply_prior", "reference", "BACKENDS"]

@@ -69,12 +69,14 @@ def segment_decoder(
     x: Optional[Tensor], y: Optional[Tensor],
     w_x: Optional[Tensor], w_y: Optional[Tensor], bias: Tensor,
     fusion: Optional[Tensor], pos_a: Optional[Tensor], pos_c: Optional[Tensor],
+    offset: Optional[Tensor] = None, log_exposure: Optional[Tensor] = None,
 ) -> Tensor:
     """Segment interest decoder with position bias. Returns fp32 (fp64 for fp64 inputs) logits [B, S].
 
     x: [B, S, dx] (visual) or None; y: [B, S, dy] (ID) or None; w_x: [dx]; w_y: [dy]; bias: [];
     fusion: [Hf, dx/Hf, dy/Hf] or None; pos_a, pos_c: [S] or None.
     o_i = w_x.x_i + w_y.y_i + b + sum_h x_{i,h}^T W_h y_{i,h};  p_i = o_i + (i+1) a_i + c_i.
+    offset [B, S] / log_exposure [S] (optional, the model's position prior): see :func:`apply_prior`.
     """
     if x is None and y is None:
         raise ValueError("segment_decoder needs at least one modality")
@@ -96,7 +98,27 @@ def segment_decoder(
     if pos_a is not None:
         pos = torch.arange(1, S + 1, device=o.device, dtype=dt)
         o = o + pos * pos_a.to(dt) + pos_c.to(dt)
-    return o
+    return apply_prior(o, offset, log_exposure)
+
+
+def apply_prior(logits: Tensor, offset: Optional[Tensor] = None, log_exposure: Optional[Tensor] = None) -> Tensor:
+    """The position prior on decoder logits p [B, S] (docs/model.md, "Position priors"):
+
+    log_exposure [S] (the authors' multiplicative form): p'_i = logsigmoid(p_i) + log_exposure_i, the log of
+      sigmoid(p_i) * e_i;  offset [B, S] (additive, already scaled by the learned weight): p'_i = p_i + offset_i.
+    Both absent: p unchanged (the same tensor). Math in the logits' dtype (fp32, or fp64 for gradcheck)."""
+    if log_exposure is None and offset is None:
+        return logits
+    B, S = logits.shape
+    if log_exposure is not None:
+        if log_exposure.dim() != 1 or log_exposure.shape[0] != S:
+            raise ValueError(f"log_exposure: expected shape [{S}], got {tuple(log_exposure.shape)}")
+        logits = torch.nn.functional.logsigmoid(logits) + log_exposure.to(logits.dtype)
+    if offset is not None:
+        if tuple(offset.shape) != (B, S):
+            raise ValueError(f"offset: expected shape [{B}, {S}], got {tuple(offset.shape)}")
+        logits = logits + offset.to(logits.dtype)
+    return logits
 
 
 def intra_video_loss(
@@ -148,8 +170,8 @@ def intra_video_loss(
 
 def decode_and_loss(
     x, y, w_x, w_y, bias, fusion, pos_a, pos_c, target, kind: str = "bpr-max",
-    labels=None, slot_mask=None,
+    labels=None, slot_mask=None, offset=None, log_exposure=None,
 ):
-    """segment_decoder followed by intra_video_loss: returns (logits [B, S], loss [])."""
-    logits = segment_decoder(x, y, w_x, w_y, bias, fusion, pos_a, pos_c)
+    """segment_decoder (with the optional prior) followed by intra_video_loss: returns (logits [B, S], loss [])."""
+    logits = segment_decoder(x, y, w_x, w_y, bias, fusion, pos_a, pos_c, offset, log_exposure)
     return logits, intra_video_loss(logits, target, kind, labels, slot_mask)
