@@ -190,3 +190,48 @@ def interest_vs_truth(pred_interest, true_interest, labels: Sequence[str], out_p
                 ax.set_title(title)
     axes[-1, 0].set_xlabel("segment")
     return _save(fig, out_png)
+
+
+def reliability_diagram(section: dict, out_png, title: str = "") -> str:
+    """The reliability diagram of per-slot keep probabilities (``evaluate --plots``; the demo): the observed
+    keep rate against the mean predicted probability in each of the equal-width bins, before calibration
+    (sigmoid of the raw logit) and after (the run's calibrator), with the diagonal of perfect calibration; below,
+    the number of observed slots per bin. ``section``: the "calibration" section of ``evaluate_run``."""
+    try:
+        rel, before, after = section["reliability"], section["before"], section["after"]
+        tables = {"before": rel["before"], "after": rel["after"]}
+    except (KeyError, TypeError):
+        raise ValueError("section: expected the 'calibration' section of evaluate_run (with 'reliability', "
+                         "'before' and 'after')") from None
+    if not tables["before"] or len(tables["before"]) != len(tables["after"]):
+        raise ValueError("section: expected the same non-empty list of bins before and after")
+    plt = _plt()
+    fig, (ax, axh) = plt.subplots(2, 1, figsize=(5.6, 6.4), sharex=True, gridspec_kw={"height_ratios": [3, 1.2]})
+    ax.plot([0, 1], [0, 1], linestyle="--", color="gray", linewidth=1, label="perfect calibration")
+    styles = {"before": ("tab:red", "s", "before: sigmoid(raw logit)"), "after": ("tab:blue", "o", "after: calibrated")}
+    nb = len(tables["before"])
+    width = 1.0 / nb
+    for j, key in enumerate(("before", "after")):
+        color, marker, label = styles[key]
+        bins = [b for b in tables[key] if b.get("count")]
+        m = section[key]
+        ece, brier = m.get("ece"), m.get("brier")
+        lab = label + ("" if ece is None else f" (ECE {ece:.3f}, Brier {brier:.3f})")
+        ax.plot([b["mean_predicted"] for b in bins], [b["observed_keep_rate"] for b in bins], marker=marker,
+                color=color, linewidth=1.2, markersize=4, label=lab)
+        lo = np.array([b["lo"] for b in tables[key]])
+        cnt = np.array([b["count"] for b in tables[key]], dtype=np.float64)
+        axh.bar(lo + width * (0.25 + 0.5 * j), cnt, width=0.45 * width, color=color, alpha=0.8, label=key)
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylabel("observed keep rate (slots kept / slots reached)", fontsize=8)
+    rate = section.get("observed_keep_rate")
+    extra = f"; {section.get('slots')} observed slots" + ("" if rate is None else f", keep rate {rate:.3f}")
+    ax.set_title((title + "\n" if title else "") + f"reliability of P(keep watching past segment | reached it){extra}",
+                 fontsize=8)
+    ax.legend(fontsize=7, loc="lower right")
+    axh.set_yscale("log")
+    axh.set_ylabel("slots per bin", fontsize=8)
+    axh.set_xlabel(f"predicted keep probability ({nb} equal-width bins)", fontsize=8)
+    axh.legend(fontsize=7, loc="upper left")
+    return _save(fig, out_png)

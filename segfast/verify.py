@@ -7,7 +7,8 @@ What DIR is, is read from its manifest:
   before the fingerprint existed: the load check only, and a note saying so);
 - a run directory (``config.json`` of format ``segfast-run``): the config parses, every ``*.safetensors`` file
   (``model``, ``last/``, ``best/``) is readable and matches the tensor digest in its metadata, and the weights
-  match the model config they were saved with; ``state.json`` files parse;
+  match the model config they were saved with; ``state.json`` files parse; ``calibration.json`` (when present)
+  parses and each of its calibrators belongs to weights one of the run's checkpoints holds;
 - a score output (``_manifest.json`` of format ``segfast-scores``): every listed part exists with its row count
   and sha256, no ``part-*.parquet`` is unlisted, ``complete`` agrees with the parts, and the rejected rows file
   has the rows the manifest states.
@@ -104,6 +105,35 @@ def _run(d: Path, res: dict) -> None:
     for f in sorted(p for p in d.rglob("*.json") if not any(x.startswith(".") for x in p.relative_to(d).parts)):
         if _read_json(f) is None:
             res["problems"].append(f"{f}: unreadable JSON")
+    _calibration(d, res)
+
+
+def _calibration(d: Path, res: dict) -> None:
+    """RUN/calibration.json (segfast.calibration), when present: every entry parses and was fitted for weights
+    that one of the run's checkpoints (best, last, the exported model) holds."""
+    from segfast import calibration as cal
+
+    f = d / cal.CALIBRATION_FILE
+    if not f.is_file():
+        return
+    try:
+        entries = cal._read_file(f)
+    except cal.CalibrationError as e:
+        res["problems"].append(str(e))
+        return
+    have = {}
+    for which in ("best", "last", "final"):
+        try:
+            have.setdefault(cal.checkpoint_digest(d, which)["digest"], which)
+        except Exception:  # noqa: BLE001 - a missing or unreadable checkpoint is reported above
+            pass
+    for k, c in enumerate(entries):
+        dg = (c.checkpoint or {}).get("digest")
+        if dg in have:
+            res["checked"].append(f"{cal.CALIBRATION_FILE} entry {k} ({c.form}, for the {have[dg]} weights)")
+        else:
+            res["problems"].append(f"{f}: entry {k} was fitted for weights (digest {str(dg)[:12]}) that no checkpoint "
+                                   f"of this run holds; refit with segfast calibrate --run-dir {d} --data D")
 
 
 _PART = re.compile(r"^part-\d{5,}\.parquet$")

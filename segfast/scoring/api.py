@@ -43,7 +43,7 @@ class Scorer:
     def __init__(self, model, meta: dict, prepared, *, run_dir, data_dir, device: str, backend: str,
                  batch_size: int, which: str = "best", fast: bool = True,
                  max_batch_bytes: int = DEFAULT_BATCH_BYTES, precision: str = "fp32",
-                 feature_memory_bytes: Optional[int] = None):
+                 feature_memory_bytes: Optional[int] = None, calibrator=None):
         from segfast.features import FeatureStore
         from segfast.scoring.batches import pair_bytes
         from segfast.scoring.index import IdIndex
@@ -52,6 +52,8 @@ class Scorer:
         self.run_dir, self.data_dir, self.which = Path(run_dir), Path(data_dir), which
         self.device, self.backend = device, backend
         self.precision = precision  # autocast of every model call (segfast.precision)
+        # probabilities=True: the run's calibrator (segfast.calibration) adds the calibrated columns
+        self.calibrator = calibrator
         self.config = model.config
         self.batch_size = int(batch_size)
         # the fast path (unique batches, docs/internals.md "Batch contract") for a model that declares it
@@ -71,7 +73,7 @@ class Scorer:
     def from_run(cls, run_dir, data_dir, device: str = "cpu", backend: Optional[str] = None,
                  batch_size: Optional[int] = None, *, which: str = "best", fast: bool = True,
                  max_batch_bytes: int = DEFAULT_BATCH_BYTES, precision: Optional[str] = None,
-                 feature_memory_bytes: Optional[int] = None) -> "Scorer":
+                 feature_memory_bytes: Optional[int] = None, probabilities: bool = False) -> "Scorer":
         """Load ``run_dir`` (``which``: "best" / "last" / "final") onto ``device`` ("cpu", "cuda[:n]", "auto")
         over the prepared dataset ``data_dir`` (checked against the run's data fingerprint).
 
@@ -83,7 +85,10 @@ class Scorer:
         It is part of an output directory's identity (a resume with another precision is refused).
         ``feature_memory_bytes``: budget for the device-resident feature table (segfast.features; None = half the
         free CUDA memory / a quarter of the RAM up to 8 GiB on CPU); over it, features are gathered on the host
-        (same scores; the manifest's ``feature_store.path`` says which)."""
+        (same scores; the manifest's ``feature_store.path`` says which). ``probabilities``: add the calibrated
+        columns ``keep_probability``, ``survival``, ``calibrated_watch_segments`` and ``most_likely_leave``
+        (docs/scoring.md) with the run's calibrator for checkpoint ``which`` (RUN/calibration.json; a run
+        without one is refused, naming ``segfast calibrate``)."""
         from segfast.checkpoint import check_compatible, load_run
         from segfast.data.prepared import load_prepared
         from segfast.ops import BACKENDS
@@ -94,6 +99,11 @@ class Scorer:
         if batch_size is None:
             batch_size = 1024 if device == "cpu" else 8192
         check_positive(batch_size=batch_size, max_batch_bytes=max_batch_bytes)
+        calibrator = None
+        if probabilities:  # before loading anything heavy: a run without a calibrator is refused at once
+            from segfast.calibration import load_calibrator
+
+            calibrator = load_calibrator(run_dir, which)
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"backend={backend!r}: expected one of {BACKENDS} or None")
         prepared = load_prepared(data_dir)
@@ -105,7 +115,7 @@ class Scorer:
         check_backend(precision, backend)
         return cls(model, meta, prepared, run_dir=run_dir, data_dir=data_dir, device=device, backend=backend,
                    batch_size=batch_size, which=which, fast=fast, max_batch_bytes=max_batch_bytes,
-                   precision=precision, feature_memory_bytes=feature_memory_bytes)
+                   precision=precision, feature_memory_bytes=feature_memory_bytes, calibrator=calibrator)
 
     def assembler(self):
         """A batch assembler for this scorer (one per job: it runs in that job's reader thread)."""
@@ -133,7 +143,8 @@ class Scorer:
         src = TablePairs(as_arrow_table(data), keep_columns=keep_columns)
         scan(src, self.index, on_unknown, self.data_dir, None)
         job = Job(self.model, self.index, src, self.assembler(), self.fast, self.device,
-                  self.effective_batch_size, int(part_rows), progress, 0, precision=self.precision)
+                  self.effective_batch_size, int(part_rows), progress, 0, precision=self.precision,
+                  calibrator=self.calibrator)
         tables: list = []
         job.run(list(range(-(-src.rows // part_rows))), lambda ctx, t: tables.append(t), prefetch=prefetch)
         if not tables:  # no rows: an empty table with the output schema
@@ -157,7 +168,8 @@ def score(run_dir, data_dir, pairs_path, out_dir, backend: Optional[str] = None,
           rank: int = 0, world_size: int = 1, *, on_unknown: str = "error", which: str = "best",
           fast: bool = True, prefetch: bool = True, max_batch_bytes: int = DEFAULT_BATCH_BYTES,
           on_part: Optional[Callable[[dict], None]] = None, keep_columns=None,
-          precision: Optional[str] = None, feature_memory_bytes: Optional[int] = None) -> dict:
+          precision: Optional[str] = None, feature_memory_bytes: Optional[int] = None,
+          probabilities: bool = False) -> dict:
     """``Scorer.from_run(run_dir, data_dir, ...).score_dataset(pairs_path, out_dir, ...)``: score every
     (user_id, video_id[, time_ms]) pair of ``pairs_path`` and return the manifest.
 
@@ -177,7 +189,7 @@ def score(run_dir, data_dir, pairs_path, out_dir, backend: Optional[str] = None,
         device = dist_.device_for(device, info)
     scorer = Scorer.from_run(run_dir, data_dir, device=device, backend=backend, batch_size=batch_size,
                              which=which, fast=fast, max_batch_bytes=max_batch_bytes, precision=precision,
-                             feature_memory_bytes=feature_memory_bytes)
+                             feature_memory_bytes=feature_memory_bytes, probabilities=probabilities)
     return run_dataset(scorer, pairs_path, out_dir, part_rows=part_rows, overwrite=overwrite, progress=progress,
                        rank=rank, world_size=world_size, on_unknown=on_unknown, prefetch=prefetch,
                        on_part=on_part, keep_columns=keep_columns, t_begin=t_begin)

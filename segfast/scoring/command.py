@@ -30,7 +30,8 @@ def score_from_args(a) -> dict:
                      world_size=info.world_size, on_unknown=a.on_unknown, which=a.which,
                      prefetch=not a.no_prefetch, keep_columns=getattr(a, "keep_columns", None),
                      precision=getattr(a, "precision", None),
-                     feature_memory_bytes=getattr(a, "feature_memory", None))
+                     feature_memory_bytes=getattr(a, "feature_memory", None),
+                     probabilities=getattr(a, "probabilities", False))
 
 
 def main(argv=None) -> int:

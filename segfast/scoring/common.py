@@ -20,6 +20,8 @@ ID_COLUMNS = ("user_id", "video_id")
 TIME_COLUMN = "time_ms"
 OUTPUT_COLUMNS = ("row", "user_id", "video_id", "time_ms", "n_segments", "scores", "leave_slot", "thumbnail_slot",
                   "expected_watch_segments")
+# with probabilities=True (``segfast score --probabilities``; the run's calibrator, segfast.calibration)
+PROBABILITY_COLUMNS = ("keep_probability", "survival", "calibrated_watch_segments", "most_likely_leave")
 MANIFEST = "_manifest.json"
 REJECTED_DIR = "_rejected"
 REJECTED_FILE = "part-00000.parquet"  # inside _rejected/

@@ -30,6 +30,14 @@ def part_table(ctx: dict):
              ("leave_slot", pa.array(ctx["leave"], pa.int8())),
              ("thumbnail_slot", pa.array(ctx["thumb"], pa.int8())),
              ("expected_watch_segments", pa.array(ctx["expect"], pa.float32()))]
+    if "keep_values" in ctx:  # probabilities=True: the calibrated columns (segfast.calibration)
+        so = ctx["offsets"] + np.arange(ctx["offsets"].shape[0])  # N + 1 survival values per row
+        cols += [("keep_probability", pa.ListArray.from_arrays(pa.array(ctx["offsets"].astype(np.int32)),
+                                                               pa.array(ctx["keep_values"], pa.float32()))),
+                 ("survival", pa.ListArray.from_arrays(pa.array(so.astype(np.int32)),
+                                                       pa.array(ctx["surv_values"], pa.float32()))),
+                 ("calibrated_watch_segments", pa.array(ctx["cal_expect"], pa.float32())),
+                 ("most_likely_leave", pa.array(ctx["ml_leave"], pa.int16()))]
     cols += list(ctx["keep"].items())
     return pa.table({k: v for k, v in cols})
 
@@ -38,8 +46,9 @@ class Job:
     """Scores parts of ``pairs`` (any segfast.scoring.pairs source) with ``model``."""
 
     def __init__(self, model, index, pairs, assembler, fast, device, batch_size, part_rows, progress, rank,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", calibrator=None):
         self.model, self.ix, self.pairs, self.asm = model, index, pairs, assembler
+        self.calibrator = calibrator  # probabilities=True: a segfast.calibration.Calibrator
         self.precision = precision  # autocast of the model call (segfast.precision)
         self.fast, self.device, self.batch_size, self.part_rows = fast, device, batch_size, part_rows
         self.progress, self.rank = progress, rank
@@ -69,6 +78,11 @@ class Job:
         ctx["leave"] = np.empty(k, np.int8)
         ctx["thumb"] = np.empty(k, np.int8)
         ctx["expect"] = np.empty(k, np.float32)
+        if self.calibrator is not None:
+            ctx["keep_values"] = np.empty(int(ctx["offsets"][-1]), dtype=np.float32)
+            ctx["surv_values"] = np.empty(int(ctx["offsets"][-1]) + k, dtype=np.float32)
+            ctx["cal_expect"] = np.empty(k, np.float32)
+            ctx["ml_leave"] = np.empty(k, np.int16)
         return ctx
 
     def produce(self, parts, stop: threading.Event):
@@ -103,6 +117,18 @@ class Job:
         full = np.zeros((b, MAX_SLOTS), dtype=np.float32)
         full[:, :s] = logits
         ctx["expect"][sel] = expected_leave_slot(full, n)
+        if self.calibrator is not None:
+            from segfast import calibration as cal
+
+            keep = self.calibrator.keep_probability(logits, n)  # [b, s], NaN on slots >= N
+            ctx["keep_values"][dst[real]] = keep[real]
+            surv = cal.survival(keep, n)  # [b, 41], NaN beyond N
+            sreal = np.arange(surv.shape[1])[None, :] <= n[:, None]
+            sdst = (ctx["offsets"][sel] + sel)[:, None] + np.arange(surv.shape[1])[None, :]
+            ctx["surv_values"][sdst[sreal]] = surv[sreal]
+            leave = cal.leave_distribution(keep, n)
+            ctx["cal_expect"][sel] = leave @ np.arange(leave.shape[1], dtype=np.float64)
+            ctx["ml_leave"][sel] = leave.argmax(axis=1)
 
     def _items(self, gen, stop: threading.Event, q: queue.Queue):
         """Start the reader thread over ``gen``; return (thread, iterator over its items)."""

@@ -21,8 +21,9 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
-from segfast.scoring.common import (FORMAT, MANIFEST, ON_UNKNOWN, OUTPUT_COLUMNS, REJECTED_DIR, REJECTED_FILE,
-                                    VERSION, OutDirError, atomic_json, now, part_name, read_json, sha256_file)
+from segfast.scoring.common import (FORMAT, MANIFEST, ON_UNKNOWN, OUTPUT_COLUMNS, PROBABILITY_COLUMNS,
+                                    REJECTED_DIR, REJECTED_FILE, VERSION, OutDirError, atomic_json, now, part_name,
+                                    read_json, sha256_file)
 
 __all__ = ["ScoreBatches", "score_ray", "score_from_args", "require_ray", "RayMissingError", "settle_fsspec_http",
            "DEFAULT_BATCH_ROWS"]
@@ -137,7 +138,7 @@ def score_ray(run_dir, data_dir, pairs, out_dir, *, actors: int = 2, gpus_per_ac
               cpus_per_actor: float = 1, batch_rows: int = DEFAULT_BATCH_ROWS, batch_size: Optional[int] = None,
               backend: Optional[str] = None, which: str = "best", on_unknown: str = "error", keep_columns=None,
               overwrite: bool = False, address: Optional[str] = None, progress: bool = False,
-              scorer_kwargs: Optional[dict] = None) -> dict:
+              scorer_kwargs: Optional[dict] = None, probabilities: bool = False) -> dict:
     """Score the Parquet input ``pairs`` (file, directory, hive dataset) into ``out_dir`` with Ray Data and return
     the manifest. The driver (this process) validates the input and the output directory exactly like the local
     engine (unknown ids: "error" refuses before any actor starts, "skip" writes ``_rejected/``), then
@@ -147,7 +148,9 @@ def score_ray(run_dir, data_dir, pairs, out_dir, *, actors: int = 2, gpus_per_ac
     ``address``: a running cluster ("auto", "ray://host:10001"); None starts a local instance when Ray is not
     initialised. ``gpus_per_actor``: None = 1 when the cluster has GPUs, else 0. A rerun of a finished job
     returns its manifest; an unfinished one (killed) is redone whole (Ray retries failed tasks within a run).
-    ``scorer_kwargs``: more ``Scorer.from_run`` options for the actors (e.g. ``{"precision": "bf16"}``)."""
+    ``scorer_kwargs``: more ``Scorer.from_run`` options for the actors (e.g. ``{"precision": "bf16"}``).
+    ``probabilities``: the calibrated columns, as the local engine's (the driver refuses a run without a
+    calibrator before any actor starts)."""
     from segfast.scoring.api import Scorer
     from segfast.scoring.outdir import data_fingerprint, run_fingerprint, setup_out_dir
     from segfast.scoring.pairs import open_pairs
@@ -164,13 +167,18 @@ def score_ray(run_dir, data_dir, pairs, out_dir, *, actors: int = 2, gpus_per_ac
                          "cpus > 0 and gpus >= 0")
     out = Path(out_dir)
     # the driver's scorer (CPU): fingerprints, the id index for validation; actors load their own
-    driver = Scorer.from_run(run_dir, data_dir, device="cpu", backend=backend, batch_size=batch_size, which=which)
+    driver = Scorer.from_run(run_dir, data_dir, device="cpu", backend=backend, batch_size=batch_size, which=which,
+                             probabilities=probabilities)
     src = open_pairs(pairs, keep_columns=keep_columns)
     identity = {"run": {"fingerprint": run_fingerprint(driver.meta), "which": which},
                 "data": data_fingerprint(driver.prepared), "input": src.identity(), "on_unknown": on_unknown,
                 "engine": "ray", "batch_rows": int(batch_rows)}
     if src.keep:
         identity["keep_columns"] = list(src.keep)
+    if probabilities:
+        from segfast.scoring.runner import calibration_identity
+
+        identity["probabilities"] = calibration_identity(driver.calibrator)
     from segfast._guard import check_out_vs_inputs
 
     check_out_vs_inputs(out, {"--data": data_dir, "--pairs": src.path, "--run-dir": run_dir}, "score")
@@ -184,7 +192,8 @@ def score_ray(run_dir, data_dir, pairs, out_dir, *, actors: int = 2, gpus_per_ac
     _clean_stale_stages(out)
     rej_path = out / REJECTED_DIR / REJECTED_FILE
     n_rej, rej_summary = scan(src, driver.index, on_unknown, data_dir, rej_path if on_unknown == "skip" else None)
-    columns = [c for c in OUTPUT_COLUMNS if c != "time_ms" or src.has_time] + list(src.keep)
+    columns = [c for c in OUTPUT_COLUMNS if c != "time_ms" or src.has_time] + \
+        (list(PROBABILITY_COLUMNS) if probabilities else []) + list(src.keep)
     man = {"format": FORMAT, "version": VERSION, "engine": "ray", "identity": identity,
            "run_dir": str(Path(run_dir).resolve()), "weights": driver.meta["weights"],
            "data_dir": str(Path(data_dir).resolve()), "input": str(src.path.resolve()),
@@ -244,7 +253,8 @@ def score_ray(run_dir, data_dir, pairs, out_dir, *, actors: int = 2, gpus_per_ac
         ctor = {"run_dir": str(run_dir), "data_dir": str(data_dir), "device": "auto", "backend": backend,
                 "batch_size": batch_size, "which": which, "on_unknown": on_unknown,
                 "keep_columns": list(src.keep) or None, "keep_types": keep_types,
-                "threads": max(1, int(cpus_per_actor)), **(scorer_kwargs or {})}
+                "threads": max(1, int(cpus_per_actor)), "probabilities": bool(probabilities),
+                **(scorer_kwargs or {})}
         ds = ds.map_batches(ScoreBatches, fn_constructor_kwargs=ctor, batch_size=int(batch_rows),
                             batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=int(actors)),
                             num_cpus=cpus_per_actor, num_gpus=gpus_per_actor)
@@ -295,4 +305,4 @@ def score_from_args(a) -> dict:
                      cpus_per_actor=a.cpus_per_actor, batch_rows=a.ray_batch_rows, batch_size=a.batch_size,
                      backend=a.backend, which=a.which, on_unknown=a.on_unknown,
                      keep_columns=getattr(a, "keep_columns", None), overwrite=a.overwrite, address=a.ray_address,
-                     progress=not a.quiet, scorer_kwargs=kw)
+                     progress=not a.quiet, scorer_kwargs=kw, probabilities=getattr(a, "probabilities", False))

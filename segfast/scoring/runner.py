@@ -9,16 +9,28 @@ from typing import Callable, Optional
 import numpy as np
 
 from segfast._guard import check_out_vs_inputs
-from segfast.scoring.common import (DEFAULT_PART_ROWS, FORMAT, MANIFEST, ON_UNKNOWN, OUTPUT_COLUMNS, REJECTED_DIR,
-                                    REJECTED_FILE, VERSION, OutDirError, atomic_json, atomic_parquet, now,
-                                    part_name, read_json, sha256_file)
+from segfast.scoring.common import (DEFAULT_PART_ROWS, FORMAT, MANIFEST, ON_UNKNOWN, OUTPUT_COLUMNS,
+                                    PROBABILITY_COLUMNS, REJECTED_DIR, REJECTED_FILE, VERSION, OutDirError,
+                                    atomic_json, atomic_parquet, now, part_name, read_json, sha256_file)
 from segfast.scoring.gpu import GpuMonitor
 from segfast.scoring.job import Job
 from segfast.scoring.outdir import data_fingerprint, rank_file, run_fingerprint, setup_out_dir
 from segfast.scoring.pairs import open_pairs
 from segfast.scoring.validate import scan
 
-__all__ = ["run_dataset", "check_positive"]
+__all__ = ["run_dataset", "check_positive", "calibration_identity"]
+
+
+def calibration_identity(cal) -> dict:
+    """The score identity's record of a calibrator: its checkpoint digest, form, feature and the sha256 of its
+    parameters (a refit calibrator is another job: its output is not resumed into)."""
+    import hashlib
+    import json
+
+    d = cal.to_dict()
+    params = json.dumps({k: d[k] for k in ("form", "feature", "groups", "params")}, sort_keys=True)
+    return {"checkpoint": (cal.checkpoint or {}).get("digest"), "form": cal.form, "feature": cal.feature,
+            "sha256": hashlib.sha256(params.encode()).hexdigest()}
 
 
 def check_positive(**vals) -> None:
@@ -110,6 +122,8 @@ def run_dataset(scorer, pairs, out_dir, *, part_rows: int = DEFAULT_PART_ROWS, o
             identity["precision"] = scorer.precision
         if src.keep:  # only when asked, so that a version-1 output of the same job still resumes
             identity["keep_columns"] = list(src.keep)
+        if scorer.calibrator is not None:  # --probabilities: which calibrator (absent otherwise: old outputs resume)
+            identity["probabilities"] = calibration_identity(scorer.calibrator)
         rej_path = out / REJECTED_DIR / REJECTED_FILE
         n_parts = -(-src.rows // part_rows)
 
@@ -127,7 +141,8 @@ def run_dataset(scorer, pairs, out_dir, *, part_rows: int = DEFAULT_PART_ROWS, o
                     "data_dir": str(Path(scorer.data_dir).resolve()), "input": str(src.path.resolve()),
                     "input_kind": src.describe(), "input_sha256": identity["input"]["sha256"], "rows": src.rows,
                     "part_rows": int(part_rows), "n_parts": n_parts,
-                    "columns": [c for c in OUTPUT_COLUMNS if c != "time_ms" or src.has_time] + list(src.keep),
+                    "columns": [c for c in OUTPUT_COLUMNS if c != "time_ms" or src.has_time]
+                    + (list(PROBABILITY_COLUMNS) if scorer.calibrator is not None else []) + list(src.keep),
                     "keep_columns": list(src.keep), "on_unknown": on_unknown,
                     "rejected": {"file": f"{REJECTED_DIR}/{REJECTED_FILE}" if on_unknown == "skip" else None,
                                  "rows": n_rej, "summary": rej_summary},
@@ -178,7 +193,8 @@ def run_dataset(scorer, pairs, out_dir, *, part_rows: int = DEFAULT_PART_ROWS, o
             torch.cuda.reset_peak_memory_stats(device)
         monitor = GpuMonitor(device) if cuda else None
         job = Job(scorer.model, scorer.index, src, scorer.assembler(), scorer.fast, device,
-                  scorer.effective_batch_size, int(part_rows), progress, rank, precision=scorer.precision)
+                  scorer.effective_batch_size, int(part_rows), progress, rank, precision=scorer.precision,
+                  calibrator=scorer.calibrator)
         try:
             timing = job.run(mine, sink, prefetch=prefetch)
             timing["setup_s"] = round(time.perf_counter() - t_begin - timing["wall_s"], 3)
