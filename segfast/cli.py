@@ -94,6 +94,31 @@ def _add_run_dir(p, what: str = "run directory (the --out of segfast train)", ol
     p.add_argument("--run-dir", *old, dest="run_dir", required=True, metavar="DIR", help=what)
 
 
+def _add_train_options(p, seed: bool = True) -> None:
+    """The model / training options of ``segfast train``, shared with ``segfast experiment`` (which sets the seed
+    of each run itself, so it gets no --seed), then the execution flags."""
+    p.add_argument("--modality", choices=["id", "visual", "both"], default="both", help="which representations")
+    p.add_argument("--preset", choices=["small", "paper-code"], default="small",
+                   help="model and training preset (docs/model.md)")
+    p.add_argument("--loss", choices=["bpr-max", "bpr-max-literal", "pairwise", "bce"], default=None,
+                   help="intra-video loss (default: the preset's)")
+    p.add_argument("--ablation", choices=["none", "cross-only", "self-only", "no-attention", "no-position"],
+                   default=None, help="model ablation (default: none)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default: the preset's)")
+    p.add_argument("--batch-size", type=int, default=None, help="training batch size (default: the preset's)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the preset's)")
+    if seed:
+        p.add_argument("--seed", type=int, default=None, help="training seed (default: the preset's)")
+    p.add_argument("--eval-every", type=int, default=None, help="steps between dev evaluations (default: the preset's)")
+    p.add_argument("--patience", type=int, default=None,
+                   help="dev evaluations without improvement before stopping (default: the preset's)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many steps in this invocation (resumable; default: no limit)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override any model/train config field, e.g. --set d_model=128 (repeatable)")
+    _add_device(p)
+
+
 def add_score_arguments(p, out_help: str = "output directory (Parquet parts + _manifest.json)",
                         part_rows: bool = True) -> None:
     """The scoring flags of ``segfast score`` (and of thumbnails / edit, which score through it)."""
@@ -114,9 +139,6 @@ def add_score_arguments(p, out_help: str = "output directory (Parquet parts + _m
                        help="input rows per output part (the unit of resumption and sharding)")
         p.add_argument("--keep-columns", default=None, metavar="A,B",
                        help="extra input columns to carry through to the output parts")
-        p.add_argument("--probabilities", action="store_true",
-                       help="add the calibrated columns keep_probability, survival, calibrated_watch_segments and "
-                            "most_likely_leave (the run's calibrator: segfast calibrate; docs/scoring.md)")
         r = p.add_argument_group("Ray engine (--engine ray, needs the extra segfast[ray]; docs/scoring.md)")
         r.add_argument("--engine", choices=["local", "ray"], default="local",
                        help="local: this process (or torchrun ranks); ray: Ray Data actors, one model each")
@@ -262,6 +284,20 @@ def _cmd_train(a):
 
     result = train_from_args(a)
     return result, _text({k: v for k, v in result.items() if k not in ("model", "train")})
+
+
+def _cmd_experiment(a):
+    from segfast.experiment import experiment_from_args, format_markdown
+
+    res = experiment_from_args(a)
+    return res, format_markdown(res) + f"\n\nruns and experiment.json/.md/.png in {a.out}"
+
+
+def _cmd_experiment_compare(a):
+    from segfast.experiment import compare_from_args, format_compare
+
+    res = compare_from_args(a)
+    return res, format_compare(res)
 
 
 SECTIONS = (("metrics", "all rows, 40-slot protocol (SPEC section 7)"), ("cold", "cold-video rows (no training row)"),
@@ -430,26 +466,30 @@ def build_parser() -> argparse.ArgumentParser:
     s = _parser(sub, "train", "train the segment interest model (resumable; DDP under torchrun)", common)
     s.add_argument("--data", required=True, help="prepared dataset (segfast prepare --out)")
     s.add_argument("--out", required=True, help="run directory; an unfinished run there is resumed")
-    s.add_argument("--modality", choices=["id", "visual", "both"], default="both", help="which representations")
-    s.add_argument("--preset", choices=["small", "paper-code"], default="small",
-                   help="model and training preset (docs/model.md)")
-    s.add_argument("--loss", choices=["bpr-max", "bpr-max-literal", "pairwise", "bce"], default=None,
-                   help="intra-video loss (default: the preset's)")
-    s.add_argument("--ablation", choices=["none", "cross-only", "self-only", "no-attention", "no-position"],
-                   default=None, help="model ablation (default: none)")
-    s.add_argument("--epochs", type=int, default=None, help="epochs (default: the preset's)")
-    s.add_argument("--batch-size", type=int, default=None, help="training batch size (default: the preset's)")
-    s.add_argument("--lr", type=float, default=None, help="learning rate (default: the preset's)")
-    s.add_argument("--seed", type=int, default=None, help="training seed (default: the preset's)")
-    s.add_argument("--eval-every", type=int, default=None, help="steps between dev evaluations (default: the preset's)")
-    s.add_argument("--patience", type=int, default=None,
-                   help="dev evaluations without improvement before stopping (default: the preset's)")
-    s.add_argument("--max-steps", type=int, default=None,
-                   help="stop after this many steps in this invocation (resumable; default: no limit)")
-    s.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override any model/train config field, e.g. --set d_model=128 (repeatable)")
-    _add_device(s)
+    _add_train_options(s, seed=True)
     s.set_defaults(func=_cmd_train)
+
+    s = _parser(sub, "experiment", "several training seeds of one config: mean ± std per metric, paired bootstrap "
+                                   "CIs against the position baselines (Markdown, JSON, PNG)", common)
+    s.add_argument("--data", required=True, help="prepared dataset (segfast prepare --out)")
+    s.add_argument("--out", required=True, help="experiment directory: runs seed-<k> (finished ones reused, "
+                                                "unfinished ones resumed) and experiment.json/.md/.png/.npz")
+    s.add_argument("--seeds", type=int, required=True, metavar="N", help="number of training seeds")
+    s.add_argument("--seed-start", type=int, default=0, metavar="K", help="first seed: runs seed-K .. seed-(K+N-1)")
+    s.add_argument("--split", choices=["train", "dev", "test"], default="test", help="which split's targets")
+    s.add_argument("--bootstrap", type=int, default=2000, metavar="B", help="bootstrap resamples of the rows")
+    s.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap resamples")
+    s.add_argument("--label", default="model", help="the model's name in the tables and the plot")
+    _add_train_options(s, seed=False)
+    s.set_defaults(func=_cmd_experiment)
+
+    s = _parser(sub, "experiment-compare", "paired bootstrap CIs of the differences between finished experiments "
+                                           "on the same data and split (each vs the first)", common)
+    s.add_argument("dirs", nargs="+", metavar="DIR", help="experiment directories (segfast experiment --out); "
+                                                         "each later one is compared with the first")
+    s.add_argument("--bootstrap", type=int, default=2000, metavar="B", help="bootstrap resamples of the rows")
+    s.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap resamples")
+    s.set_defaults(func=_cmd_experiment_compare)
 
     s = _parser(sub, "evaluate", "Task-1 metrics (HR@K, NDCG@K, MAE; all, cold, strict) of a trained run", common)
     s.add_argument("--data", required=True, help="prepared dataset")
@@ -534,7 +574,8 @@ def _is_rank0() -> bool:
         return True
 
 
-LOCKED = ("prepare", "score", "train", "thumbnails", "edit")  # commands that hold a lock on --out (segfast._lock)
+# commands that hold a lock on --out (segfast._lock)
+LOCKED = ("prepare", "score", "train", "experiment", "thumbnails", "edit")
 
 
 def _out_lock(a):
@@ -546,7 +587,8 @@ def _out_lock(a):
     return output_lock(a.out, a.command)
 
 
-INPUTS = {"prepare": ("input", "features"), "train": ("data",), "score": ("data", "pairs", "run_dir"),
+INPUTS = {"prepare": ("input", "features"), "train": ("data",), "experiment": ("data",),
+          "score": ("data", "pairs", "run_dir"),
           "thumbnails": ("data", "pairs", "run_dir"), "edit": ("data", "pairs", "run_dir")}  # what --out may not touch
 
 
@@ -569,6 +611,7 @@ def main(argv: Optional[list] = None) -> int:
         return 0
     parser = build_parser()
     a = parser.parse_args(argv)
+    a.argv = list(sys.argv[1:] if argv is None else argv)  # the command line as given (segfast experiment records it)
     out = sys.stdout
     func: Callable = a.func
     sink = open(os.devnull, "w") if a.quiet else sys.stderr
