@@ -139,6 +139,9 @@ def add_score_arguments(p, out_help: str = "output directory (Parquet parts + _m
                        help="input rows per output part (the unit of resumption and sharding)")
         p.add_argument("--keep-columns", default=None, metavar="A,B",
                        help="extra input columns to carry through to the output parts")
+        p.add_argument("--probabilities", action="store_true",
+                       help="add the calibrated columns keep_probability, survival, calibrated_watch_segments and "
+                            "most_likely_leave (the run's calibrator: segfast calibrate; docs/scoring.md)")
         r = p.add_argument_group("Ray engine (--engine ray, needs the extra segfast[ray]; docs/scoring.md)")
         r.add_argument("--engine", choices=["local", "ray"], default="local",
                        help="local: this process (or torchrun ranks); ray: Ray Data actors, one model each")

@@ -80,9 +80,14 @@ def test_every_subcommand_json(tmp_path, capfd):
     covered.add("experiment-compare")
     assert doc["comparisons"][0]["all"]["HR@1"] == {"diff": 0.0, "lo": 0.0, "hi": 0.0}
 
-    doc = _run_json(capfd, "evaluate", "--data", str(data), "--run-dir", str(run))
+    doc = _run_json(capfd, "calibrate", "--data", str(data), "--run-dir", str(run))
+    covered.add("calibrate")
+    assert doc["form"] and doc["checkpoint"]["which"] == "best" and (run / "calibration.json").is_file()
+    doc = _run_json(capfd, "evaluate", "--data", str(data), "--run-dir", str(run), "--plots", str(t / "plots"))
     covered.add("evaluate")
     assert 0.0 <= doc["metrics"]["HR@1"] <= 1.0
+    assert doc["calibration"]["calibrator"]["source"] == "calibration.json"
+    assert (t / "plots" / "reliability.png").is_file()
     doc = _run_json(capfd, "baselines", "--data", str(data))
     covered.add("baselines")
     assert set(doc) == {"Random", "AllPosition", "UserPosition", "ItemPosition"}
@@ -104,6 +109,10 @@ def test_every_subcommand_json(tmp_path, capfd):
     covered.add("score")
     assert doc["n_parts"] == 20 and doc["complete"] and doc["rows_scored"] == 37 and doc["rows_rejected"] == 2
     assert len(json.dumps(doc)) > 2000  # long enough that a cut would have broken it
+    doc = _run_json(capfd, "score", "--run-dir", str(run), "--data", str(data), "--pairs", str(pairs),
+                    "--out", str(t / "probs"), "--on-unknown", "skip", "--probabilities")
+    assert doc["rows_scored"] == 37
+    assert pq.read_table(t / "probs").column("keep_probability").type == pa.list_(pa.float32())
     doc = _run_json(capfd, "verify", str(t / "scores"))
     covered.add("verify")
     assert doc["ok"] and doc["kind"] == "scores" and not doc["problems"]
