@@ -336,3 +336,43 @@ def test_finished_training_writes_calibration(world, tmp_path):
     assert cal.checkpoint["digest"] == s["calibration"]["checkpoint"]["digest"]
     stopped = train(root / "p", tmp_path / "run2", mc, tc, progress=False, max_steps=1)
     assert "calibration" not in stopped and not (tmp_path / "run2" / C.CALIBRATION_FILE).exists()
+
+
+def test_ray_engine_probabilities(world, tmp_path):
+    """--probabilities through the Ray engine: the local engine's calibrated columns (to float rounding: Ray
+    batches pairs differently), a run without a calibrator refused before Ray starts."""
+    ray = pytest.importorskip("ray", reason="the Ray engine needs the optional extra: pip install 'segfast[ray]'")
+    pytest.importorskip("ray.data", reason="the Ray engine needs ray[data]: pip install 'segfast[ray]'")
+    import pyarrow.parquet as pq
+
+    from segfast.scoring import Scorer
+    from segfast.scoring.ray_engine import score_ray
+
+    root, p, run0 = world
+    run = tmp_path / "run"
+    shutil.copytree(run0, run)
+    (run / C.CALIBRATION_FILE).unlink(missing_ok=True)
+    pairs = _write(interaction_pairs(p).slice(0, 120), tmp_path / "pairs.parquet")
+    with pytest.raises(C.CalibrationMissingError, match="segfast calibrate"):
+        score_ray(run, root / "p", pairs, tmp_path / "refused", probabilities=True)
+    assert not ray.is_initialized() and not (tmp_path / "refused").exists()
+    C.calibrate_run(run, root / "p")
+    ref = Scorer.from_run(run, root / "p", device="cpu", probabilities=True).score(pq.read_table(pairs))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             object_store_memory=200 * 1024 * 1024)
+    try:
+        man = score_ray(run, root / "p", pairs, tmp_path / "out", actors=1, cpus_per_actor=1, batch_rows=64,
+                        probabilities=True)
+    finally:
+        ray.shutdown()
+    assert man["complete"]
+    assert man["identity"]["probabilities"]["checkpoint"] == C.load_calibrator(run).checkpoint["digest"]
+    key = [("user_id", "ascending"), ("video_id", "ascending"), ("time_ms", "ascending")]
+    got = pq.read_table(tmp_path / "out").sort_by(key)
+    ref = ref.sort_by(key)
+    assert got.column_names == man["columns"] == ref.column_names
+    for c in ("keep_probability", "survival"):
+        np.testing.assert_allclose(np.concatenate(got[c].to_numpy(zero_copy_only=False)),
+                                   np.concatenate(ref[c].to_numpy(zero_copy_only=False)), atol=1e-5)
+    np.testing.assert_allclose(got["calibrated_watch_segments"].to_numpy(), ref["calibrated_watch_segments"].to_numpy(),
+                               atol=1e-4)
