@@ -5,8 +5,11 @@ dim) on CPU in a few minutes. Writes everything under OUT:
 
     OUT/raw/        the synthetic release (SegMM files + ground_truth.parquet)
     OUT/data/       the prepared dataset
-    OUT/run/        the trained run (safetensors + JSON)
-    OUT/results.json, OUT/training_curve.png, OUT/interest_vs_truth.png
+    OUT/run-full/   the trained run (safetensors + JSON, calibration.json fitted on dev at the end of training)
+    OUT/results.json, OUT/training_curve.png, OUT/reliability.png (predicted vs observed keep rate on test,
+    before / after calibration), OUT/case_study.png and OUT/interest_vs_truth.png (the same test rows, chosen
+    by segfast.plots.case_rows: the calibrated keep probability per segment, as a heatmap and beside the
+    planted truth)
 """
 from __future__ import annotations
 
@@ -83,9 +86,12 @@ def score_rows(run_dir, data_dir, rows: np.ndarray, batch_size: int = 1024):
     return np.concatenate(out) if out else np.zeros((0, 40), np.float32)
 
 
-def truth_correlation(run_dir, data_dir, raw_dir, split: str = "test", plot_png=None, n_users: int = 4) -> dict:
-    """Mean Spearman of the run's scores on ``split`` rows against the synthetic ground truth; optionally
-    plots, for the video with the most users among those rows, each user's predicted interest beside the truth."""
+def truth_correlation(run_dir, data_dir, raw_dir, split: str = "test", plot_png=None, max_users: int = 8) -> dict:
+    """Mean Spearman of the run's scores on ``split`` rows against the synthetic ground truth, and (when the run
+    has a calibrator) the mean absolute difference between the calibrated keep probabilities and the planted
+    ones (synth's ``interest`` = 1 - hazard, the same quantity) over the real slots of those rows, beside the
+    same for sigmoid(logit). With ``plot_png``: :func:`interest_vs_truth_plot` (its result under "plot")."""
+    from segfast.calibration import CALIBRATION_FILE, load_calibrator
     from segfast.data.prepared import load_prepared
 
     prepared = load_prepared(data_dir)
@@ -99,27 +105,61 @@ def truth_correlation(run_dir, data_dir, raw_dir, split: str = "test", plot_png=
     nseg = inter["n_segments"][rows[keep]]
     truths = [truth[(int(uid[i]), int(vid[i]))] for i in keep]
     res = spearman_vs_truth(logits, nseg, truths)
+    if len(keep) and (Path(run_dir) / CALIBRATION_FILE).exists():
+        kp = load_calibrator(run_dir, "best").keep_probability(logits, nseg)
+        real = np.arange(logits.shape[1])[None, :] < np.asarray(nseg)[:, None]
+        tr = np.zeros(logits.shape)
+        for j, t in enumerate(truths):
+            tr[j, :t.shape[0]] = t
+        with np.errstate(over="ignore"):
+            sig = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+        res["keep_mae_vs_truth"] = {"calibrated": float(np.abs(kp - tr)[real].mean()),
+                                    "sigmoid_logit": float(np.abs(sig - tr)[real].mean()),
+                                    "planted_mean": float(tr[real].mean()), "slots": int(real.sum())}
     if plot_png is not None and len(keep):
-        from segfast import plots
-
-        v_of = vid[keep]
-        cand = [v for v in np.unique(v_of) if nseg[v_of == v].max() >= 3]
-        best = max(cand or list(np.unique(v_of)), key=lambda v: int((v_of == v).sum()))
-        users_of = uid[keep]
-        first = {}
-        for j in np.flatnonzero(v_of == best):  # one row per distinct user
-            first.setdefault(int(users_of[j]), j)
-        pick = list(first.values())[:n_users]
-        # The intra-video losses fix only the order of the logits within a video (a shift of all of them
-        # changes nothing), so the plot shows them min-max scaled over the video's real segments.
-        pred = [_minmax(logits[j, :nseg[j]]) for j in pick]
-        tr = [truths[j] for j in pick]
-        labels = [f"user {int(uid[keep[j]])}" for j in pick]
-        leave = [int(inter["target"][rows[keep[j]]]) for j in pick]
-        plots.interest_vs_truth(pred, tr, labels, plot_png, title=f"video {int(best)}: predicted interest vs "
-                                f"planted truth", leave_slots=leave,
-                                pred_label="predicted score (min-max within the video)")
+        res["plot"] = interest_vs_truth_plot(run_dir, prepared, truth, plot_png, split=split, max_users=max_users)
     return res
+
+
+def interest_vs_truth_plot(run_dir, data, truth, out_png, split: str = "test", max_users: int = 8) -> dict:
+    """``interest_vs_truth.png``: the rows segfast.plots.case_rows picks (the same as case_study.png, in the same
+    order), each row's calibrated keep probability per segment beside the planted one (``truth``: {(user_id,
+    video_id): planted interest per segment}, or synth's raw directory). Returns {"video_id", "users", "rows",
+    "leave_slots", "keep_probability", "calibration", "out"}."""
+    from segfast import plots
+    from segfast.data.prepared import load_prepared
+
+    p = load_prepared(data) if isinstance(data, (str, Path)) else data
+    if not isinstance(truth, dict):
+        truth = _truth_lookup(Path(truth))
+    sel = plots.case_rows(p, split, max_users=max_users)
+    k = plots.row_keep_probability(run_dir, p, sel["rows"])
+    pred, tr = [], []
+    for j, (u, n) in enumerate(zip(sel["user_ids"], sel["n_segments"])):
+        t = truth.get((int(u), sel["video_id"]))
+        if t is None or t.shape[0] != n:
+            raise ValueError(f"no planted interest of {int(n)} segments for user {int(u)}, video {sel['video_id']} "
+                             "in the ground truth")
+        pred.append(k["keep"][j, :n])
+        tr.append(t)
+    out = plots.interest_vs_truth(pred, tr, [f"user {int(u)}" for u in sel["user_ids"]], out_png,
+                                  title=f"video {sel['video_id']}, {split} split: each user's last view (same rows as "
+                                        "case_study.png)", leave_slots=[int(x) for x in sel["target"]])
+    return {"video_id": sel["video_id"], "users": [int(x) for x in sel["user_ids"]],
+            "rows": [int(x) for x in sel["rows"]], "leave_slots": [int(x) for x in sel["target"]],
+            "keep_probability": [[round(float(v), 6) for v in x] for x in pred], "calibration": k["calibration"],
+            "out": out}
+
+
+def _calibration_lines(cal: dict) -> list:
+    """The demo's summary lines of evaluate_run's "calibration" section."""
+    b, a, w = cal["before"], cal["after"], cal["watch_time_mae"]
+    return [f"Calibration on test ({cal['slots']} observed slots, observed keep rate {cal['observed_keep_rate']:.3f}; "
+            f"{cal['calibrator']['form']} on the {cal['calibrator']['feature']} logit):",
+            f"  ECE   {b['ece']:.4f} (sigmoid of the raw logit) -> {a['ece']:.4f} (calibrated)",
+            f"  Brier {b['brier']:.4f} -> {a['brier']:.4f}",
+            f"  watch-time MAE (segments): calibrated {w['calibrated']:.3f}, reciprocal-softmax "
+            f"{w['reciprocal_softmax']:.3f}, ItemPosition {w['ItemPosition']:.3f}"]
 
 
 def _segrec_summary(cmp: dict) -> dict:
@@ -167,6 +207,10 @@ def run_demo(out="segfast_demo", seed: int = 0, quick: bool = False, ablations: 
                           lr=5e-3, lr_schedule="cosine", warmup_steps=20, eval_every=15 if quick else 70,
                           patience=2 if quick else 10)
         train(data, run, mc, tc, progress=not quick, max_steps=20 if quick else None)
+        from segfast.calibration import CALIBRATION_FILE, calibrate_run
+
+        if not (run / CALIBRATION_FILE).exists():  # segfast train fits it at the end of a finished run
+            calibrate_run(run, data, device=device)
         return run
 
     print(f"[3/6] train (small preset, {modality}, {device})")
@@ -177,12 +221,19 @@ def run_demo(out="segfast_demo", seed: int = 0, quick: bool = False, ablations: 
             runs[f"ours ({abl})"] = fit(abl, ablation=abl)
     print("[4/6] evaluate on the test split vs the baselines")
     results = run_baselines(data, split="test", seed=seed)
-    for name, run in runs.items():
-        results[name] = evaluate_run(data, run, split="test", seed=seed)
+    for name, run in runs.items():  # "ours" also writes OUT/reliability.png
+        results[name] = evaluate_run(data, run, split="test", seed=seed, device=device,
+                                     plots=out if name == "ours" else None)
     corr = truth_correlation(runs["ours"], data, raw, plot_png=out / "interest_vs_truth.png")
     print(format_table(results))
     if corr["mean"] is not None:
         print(f"Spearman(model scores, planted interest), mean over {corr['rows']} test rows: {corr['mean']:.3f}")
+    for line in _calibration_lines(results["ours"]["calibration"]):
+        print(line)
+    if "keep_mae_vs_truth" in corr:
+        m = corr["keep_mae_vs_truth"]
+        print(f"  |P(keep) - planted P(keep)| over {m['slots']} test slots: calibrated {m['calibrated']:.3f}, "
+              f"sigmoid(logit) {m['sigmoid_logit']:.3f}")
     print("[5/6] SegRec (Task 2): WideDeep with Video / SegSum / interest weights from the run above")
     from segfast.segrec import compare_weightings, format_results
 
@@ -194,12 +245,23 @@ def run_demo(out="segfast_demo", seed: int = 0, quick: bool = False, ablations: 
     from segfast import plots
 
     plots.training_curve(runs["ours"] / "metrics.jsonl", out / "training_curve.png")
-    plots.case_study(runs["ours"], data, out / "case_study.png")
-    summary = {"results": results, "spearman_vs_truth": corr, "segrec": _segrec_summary(segrec), "seconds": round(time.time() - t0, 1),
-               "runs": {k: str(v) for k, v in runs.items()}}
+    case = plots.case_study(runs["ours"], data, out / "case_study.png", device=device)
+    ivt = corr.get("plot") or {}
+    if ivt and ivt["rows"] != case["rows"]:  # both come from plots.case_rows
+        raise AssertionError(f"case_study.png rows {case['rows']} != interest_vs_truth.png rows {ivt['rows']}")
+    lo, hi = case["limits"]
+    print(f"      case_study.png: video {case['video_id']}, {len(case['users'])} users, calibrated keep probability "
+          f"colour scale {lo:.2f}..{hi:.2f}")
+    cal = results["ours"]["calibration"]
+    summary = {"results": results, "spearman_vs_truth": corr, "segrec": _segrec_summary(segrec),
+               "calibration": {k: cal[k] for k in ("calibrator", "slots", "observed_keep_rate", "before", "after",
+                                                   "watch_time_mae")},
+               "plots": {"case_study": case, "interest_vs_truth": ivt,
+                         "reliability": cal.get("plot")},
+               "seconds": round(time.time() - t0, 1), "runs": {k: str(v) for k, v in runs.items()}}
     from segfast import _io
 
     _io.write_json(out / "results.json", summary, indent=2, default=str)
     print(f"done in {summary['seconds']} s: {out / 'results.json'}, {out / 'training_curve.png'}, "
-          f"{out / 'interest_vs_truth.png'}, {out / 'case_study.png'}")
+          f"{out / 'reliability.png'}, {out / 'interest_vs_truth.png'}, {out / 'case_study.png'}")
     return summary

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,11 +23,47 @@ def test_spearman_vs_truth_hand_built():
 
 
 @pytest.mark.slow
-def test_demo_quick_end_to_end(tmp_path):
+def test_demo_quick_end_to_end(tmp_path, monkeypatch, capsys):
+    from segfast import plots
+
+    figs = {}
+    orig = plots._save
+
+    def keep(fig, out_png):  # the figures the demo saves, by file name
+        figs[Path(out_png).name] = fig
+        return orig(fig, out_png)
+
+    monkeypatch.setattr(plots, "_save", keep)
     summary = run_demo(tmp_path / "demo", quick=True)
-    for name in ("results.json", "training_curve.png", "interest_vs_truth.png", "case_study.png"):
+    printed = capsys.readouterr().out
+    for name in ("results.json", "training_curve.png", "reliability.png", "interest_vs_truth.png", "case_study.png"):
         f = tmp_path / "demo" / name
         assert f.exists() and f.stat().st_size > 0, name
+    assert (tmp_path / "demo" / "run-full" / "calibration.json").exists()
+    # calibration: before / after on test in the summary and printed
+    cal = summary["calibration"]
+    assert cal["after"]["ece"] < cal["before"]["ece"] and cal["after"]["brier"] < cal["before"]["brier"]
+    assert "ECE" in printed and "Brier" in printed
+    # the two case-study figures show the same rows (video, users, order), the leave slot at each row's target
+    case, ivt = summary["plots"]["case_study"], summary["plots"]["interest_vs_truth"]
+    assert case["rows"] == ivt["rows"] and case["users"] == ivt["users"] and case["video_id"] == ivt["video_id"]
+    from segfast.data.prepared import load_prepared
+
+    it = load_prepared(tmp_path / "demo" / "data").interactions
+    target = [int(it["target"][r]) for r in case["rows"]]
+    nrow = [int(it["n_segments"][r]) for r in case["rows"]]
+    assert case["leave_slots"] == ivt["leave_slots"] == target
+    ax = figs["case_study.png"].axes[0]
+    boxes = sorted((int(round(q.get_y() + 0.5)), int(round(q.get_x() + 0.5))) for q in ax.patches)
+    assert boxes == [(r, y) for r, (y, n) in enumerate(zip(target, nrow)) if y < n]
+    # calibrated keep probabilities with visible spread across users and segments, on a scale fitted to them
+    m = np.array([[np.nan if v is None else v for v in r] for r in case["keep_probability"]], dtype=np.float64)
+    shown = np.ma.filled(ax.images[0].get_array().astype(np.float64), np.nan)
+    np.testing.assert_allclose(shown, m, rtol=1e-5)
+    assert np.nanstd(m) > 0.03 and np.nanmax(m) - np.nanmin(m) > 0.1
+    lo, hi = ax.images[0].get_clim()
+    assert (lo, hi) != (0.0, 1.0) and lo <= np.nanpercentile(m, 50) <= hi
+    assert figs["case_study.png"].axes[1].get_ylabel() == "P(keep watching past segment | reached it), calibrated"
     assert (tmp_path / "demo" / "training_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     res = json.loads((tmp_path / "demo" / "results.json").read_text())["results"]
     assert set(res) >= {"Random", "AllPosition", "UserPosition", "ItemPosition", "ours"}
