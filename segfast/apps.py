@@ -1,15 +1,24 @@
 """Applications of segment interest (SPEC section 9): personalised thumbnails and personalised editing.
 
-Both come straight from the Task-1 logits p of the N real segments of a (user, video) pair:
+Both use the calibrated interest of the N real segments of a (user, video) pair: keep_i = P(a user who
+reached segment i keeps watching past it), the run's calibrator (``segfast.calibration``, RUN/calibration.json,
+fitted on dev after training or by ``segfast calibrate``) applied to the Task-1 logits. The raw logits have no
+probability scale (the ranking loss fixes only their order within a video), so sigmoid(logit) is not used.
 
-- Thumbnail: the segment with the highest logit (ties: the earliest), time range
-  [5000 i, min(5000 (i + 1), duration)) ms.
-- Edit: the segments whose interest sigmoid(p_i) is strictly below ``threshold`` are skipped; consecutive
-  skipped segments are merged into one range [5000 a, min(5000 (b + 1), duration)).
+- Thumbnail: the segment with the highest keep probability (ties: the earliest), time range
+  [5000 i, min(5000 (i + 1), duration)) ms. With a position-dependent calibrator this can differ from the
+  segment with the highest logit.
+- Edit: the segments whose keep probability is strictly below ``threshold`` are skipped (0.3: fewer than 30%
+  of the viewers who reach the segment keep watching past it); consecutive skipped segments are merged into
+  one range [5000 a, min(5000 (b + 1), duration)).
 
 Durations: a video's duration is the largest ``duration_ms`` over its rows in the prepared dataset (the same
 row that gives ``videos.n_segments``, the largest N). The file-level functions score the pairs with
-``segfast.scoring.score`` (pairs Parquet: int64 user_id, video_id[, time_ms]; the same scoring options:
+``segfast.scoring.score(..., probabilities=True)`` (its ``keep_probability`` column: the calibrator applied to
+the full logits of each pair) after loading the run's calibrator for the checkpoint ``which`` (a run without
+one is an error naming ``segfast calibrate``); the output records the calibrator used (Parquet schema metadata
+key ``segfast.calibration`` and the summary's ``"calibration"``: file, checkpoint, weights digest, form). Pairs
+Parquet: int64 user_id, video_id[, time_ms]; the same scoring options:
 backend, batch size, the unknown-id policy ``on_unknown`` "error" / "skip") into a temporary directory next
 to ``out_path`` and write one Parquet file atomically (``segfast._io``), one row per scored pair in input
 order. They stream: the scorer's parts are read back ``_CHUNK_ROWS`` pairs at a time, turned into output rows
@@ -32,10 +41,12 @@ from segfast import MAX_SLOTS, SEGMENT_MS, _io
 
 _CHUNK_ROWS = 65_536  # pairs per output row group: thumbnails / edit hold about this many at a time
 
-__all__ = ["segment_range", "thumbnail_segment", "skip_ranges", "thumbnails", "edit"]
+__all__ = ["segment_range", "thumbnail_segment", "skip_ranges", "calibration_info", "thumbnails", "edit"]
+
+CALIBRATION_META_KEY = b"segfast.calibration"  # Parquet schema metadata: the calibrator an output used
 
 
-def _check_scores(scores, duration_ms: int) -> tuple[np.ndarray, int]:
+def _check_scores(scores, duration_ms: int, probabilities: bool = False) -> tuple[np.ndarray, int]:
     duration_ms = int(duration_ms)
     if not 0 < duration_ms < MAX_SLOTS * SEGMENT_MS:
         raise ValueError(f"duration_ms={duration_ms}: expected 0 < duration_ms < {MAX_SLOTS * SEGMENT_MS}")
@@ -46,6 +57,10 @@ def _check_scores(scores, duration_ms: int) -> tuple[np.ndarray, int]:
     s = s[:n]
     if not np.isfinite(s).all():
         raise ValueError(f"non-finite score at segment {int(np.flatnonzero(~np.isfinite(s))[0])}")
+    if probabilities and ((s < 0.0) | (s > 1.0)).any():
+        k = int(np.flatnonzero((s < 0.0) | (s > 1.0))[0])
+        raise ValueError(f"keep probability {s[k]:.6g} at segment {k}: expected probabilities in [0, 1] (the "
+                         "calibrated keep probabilities, Calibrator.keep_probability, not logits)")
     return s, duration_ms
 
 
@@ -54,22 +69,21 @@ def segment_range(i: int, duration_ms: int) -> tuple[int, int]:
     return SEGMENT_MS * int(i), min(SEGMENT_MS * (int(i) + 1), int(duration_ms))
 
 
-def thumbnail_segment(scores: Sequence[float], duration_ms: int) -> tuple[int, int, int]:
+def thumbnail_segment(keep: Sequence[float], duration_ms: int) -> tuple[int, int, int]:
     """(slot, start_ms, end_ms) of the highest-interest segment among the first N = ceil(duration / 5000)
-    scores (the earliest on ties)."""
-    s, d = _check_scores(scores, duration_ms)
+    values of ``keep`` (the calibrated keep probabilities of the pair; the earliest on ties)."""
+    s, d = _check_scores(keep, duration_ms)
     i = int(np.argmax(s))
     return (i,) + segment_range(i, d)
 
 
-def skip_ranges(scores: Sequence[float], duration_ms: int, threshold: float) -> list[tuple[int, int]]:
-    """Merged [start_ms, end_ms) ranges of the segments whose sigmoid(score) < threshold."""
+def skip_ranges(keep: Sequence[float], duration_ms: int, threshold: float) -> list[tuple[int, int]]:
+    """Merged [start_ms, end_ms) ranges of the segments whose calibrated keep probability (``keep``, values in
+    [0, 1]; the first N = ceil(duration / 5000) are used) is < threshold."""
     if not 0.0 <= float(threshold) <= 1.0:
         raise ValueError(f"threshold={threshold!r}: expected a probability in [0, 1]")
-    s, d = _check_scores(scores, duration_ms)
-    with np.errstate(over="ignore"):
-        interest = 1.0 / (1.0 + np.exp(-s))
-    low = interest < float(threshold)
+    s, d = _check_scores(keep, duration_ms, probabilities=True)
+    low = s < float(threshold)
     out = []
     i = 0
     while i < low.shape[0]:
@@ -91,8 +105,9 @@ def skip_ranges(scores: Sequence[float], duration_ms: int, threshold: float) -> 
 @contextlib.contextmanager
 def _scored(run_dir, data_dir, pairs_path, out_path, scoring: dict):
     """Score the pairs with segfast.scoring.score into a temporary directory beside ``out_path`` (removed
-    afterwards) and yield (manifest, chunks): ``chunks`` yields, part by part in input order and at most
-    ``_CHUNK_ROWS`` rows at a time, (row, user_id, video_id, offsets, values): the scores of pair k are
+    afterwards) with ``probabilities=True`` and yield (manifest, chunks): ``chunks`` yields, part by part in
+    input order and at most ``_CHUNK_ROWS`` rows at a time, (row, user_id, video_id, offsets, values): the
+    calibrated keep probabilities of pair k (the scorer's ``keep_probability`` column) are
     ``values[offsets[k]:offsets[k + 1]]``. Memory stays flat in the number of pairs. ``scoring``: score()'s
     options (device, backend, batch_size, on_unknown, which, progress, ...); with on_unknown="skip" the unknown
     pairs are left out (counted in the manifest's "rejected")."""
@@ -107,7 +122,8 @@ def _scored(run_dir, data_dir, pairs_path, out_path, scoring: dict):
         last = -1
         for part in sorted((tmp / "scores").glob("part-*.parquet")):
             for b in pq.ParquetFile(part).iter_batches(batch_size=_CHUNK_ROWS,
-                                                       columns=["row", "user_id", "video_id", "scores"]):
+                                                       columns=["row", "user_id", "video_id",
+                                                                "keep_probability"]):
                 row = b.column(0).to_numpy()
                 if row.size and (row[0] <= last or (row.size > 1 and (np.diff(row) <= 0).any())):
                     raise AssertionError(f"{part}: rows out of input order")  # the scorer's invariant
@@ -117,7 +133,7 @@ def _scored(run_dir, data_dir, pairs_path, out_path, scoring: dict):
                        np.asarray(sc.offsets, dtype=np.int64), np.asarray(sc.values, dtype=np.float64))
 
     try:
-        man = score(run_dir, data_dir, pairs_path, tmp / "scores", **scoring)
+        man = score(run_dir, data_dir, pairs_path, tmp / "scores", probabilities=True, **scoring)
         yield man, chunks()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -135,6 +151,27 @@ def _check_output(out_path, overwrite: bool, kind: str = "", inputs: dict | None
     return out_path
 
 
+def calibration_info(cal, run_dir=None, which: str | None = None) -> dict:
+    """Which calibrator an output used (JSON-able): {"file", "which", "checkpoint_digest", "weights", "form",
+    "feature", "fitted_on"}; ``cal``: a segfast.calibration.Calibrator."""
+    from segfast.calibration import CALIBRATION_FILE
+
+    ck = cal.checkpoint or {}
+    return {"file": None if run_dir is None else str(Path(run_dir) / CALIBRATION_FILE),
+            "which": which if which is not None else ck.get("which"), "checkpoint_digest": ck.get("digest"),
+            "weights": ck.get("weights"), "form": cal.form, "feature": cal.feature,
+            "fitted_on": dict(cal.fitted_on or {})}
+
+
+def _calibration(run_dir, scoring: dict) -> dict:
+    """The run's calibrator for the scored checkpoint, loaded before any scoring: a run without one is an
+    error naming ``segfast calibrate`` (segfast.calibration.load_calibrator). Returns calibration_info."""
+    from segfast.calibration import load_calibrator
+
+    which = scoring.get("which") or "best"
+    return calibration_info(load_calibrator(run_dir, which), run_dir, which)
+
+
 def _inputs(run_dir, data_dir, pairs_path) -> dict:
     return {"--run-dir": run_dir, "--data": data_dir, "--pairs": pairs_path}
 
@@ -148,12 +185,12 @@ def _scoring(device, progress, options: dict) -> dict:
     return dict(options, device=device, progress=progress)
 
 
-def _summary(n_pairs: int, man, out_path) -> dict:
+def _summary(n_pairs: int, man, out_path, calibration: dict) -> dict:
     rej = man.get("rejected") or {}
     return {"pairs": int(n_pairs), "rejected": int(man.get("rows_rejected") or 0),
             "rejected_summary": rej.get("summary"), "out": str(out_path),
             "backend": man.get("backend"), "device": man.get("device"), "precision": man.get("precision"),
-            "batch_size": man.get("effective_batch_size")}
+            "batch_size": man.get("effective_batch_size"), "calibration": calibration}
 
 
 class _Durations:
@@ -181,8 +218,8 @@ class _Durations:
 
 
 def _padded(row, offsets, values, dur):
-    """(scores float64 [k, L] of the first N = ceil(duration / 5000) segments of each pair, -inf after N;
-    the valid mask; N); errors as thumbnail_segment / skip_ranges give them."""
+    """(keep probabilities float64 [k, L] of the first N = ceil(duration / 5000) segments of each pair, -inf
+    after N; the valid mask; N); errors as thumbnail_segment / skip_ranges give them."""
     if ((dur <= 0) | (dur >= MAX_SLOTS * SEGMENT_MS)).any():
         k = int(np.flatnonzero((dur <= 0) | (dur >= MAX_SLOTS * SEGMENT_MS))[0])
         raise ValueError(f"duration_ms={dur[k]}: expected 0 < duration_ms < {MAX_SLOTS * SEGMENT_MS}")
@@ -200,19 +237,28 @@ def _padded(row, offsets, values, dur):
     if bad.any():
         k = int(np.flatnonzero(bad.any(axis=1))[0])
         raise ValueError(f"input row {row[k]}: non-finite score at segment {int(np.flatnonzero(bad[k])[0])}")
+    out = valid & ((s < 0.0) | (s > 1.0))
+    if out.any():
+        k = int(np.flatnonzero(out.any(axis=1))[0])
+        raise ValueError(f"input row {row[k]}: keep probability outside [0, 1] at segment "
+                         f"{int(np.flatnonzero(out[k])[0])}")
     return s, valid, n
 
 
-def _write_stream(out_path, schema, tables, kind: str, overwrite: bool) -> int:
+def _write_stream(out_path, schema, tables, kind: str, overwrite: bool, calibration: dict) -> int:
     """Write the Parquet output from an iterable of tables (``schema``), one row group at a time, to a temporary
-    file beside ``out_path`` renamed onto it at the end (segfast._io), marked as segfast ``kind``'s; what is at
-    ``out_path`` is checked again just before the rename. Returns the rows written."""
+    file beside ``out_path`` renamed onto it at the end (segfast._io), marked as segfast ``kind``'s and with the
+    calibrator used (``CALIBRATION_META_KEY``); what is at ``out_path`` is checked again just before the
+    rename. Returns the rows written."""
+    import json
+
     import pyarrow.parquet as pq
 
     from segfast._guard import check_replace_file, file_metadata
 
     meta = dict(schema.metadata or {})
     meta.update(file_metadata(kind))
+    meta[CALIBRATION_META_KEY] = json.dumps(calibration, sort_keys=True).encode()
     schema = schema.with_metadata(meta)
     rows = 0
     with _io.atomic_path(out_path) as tmp:
@@ -227,17 +273,21 @@ def _write_stream(out_path, schema, tables, kind: str, overwrite: bool) -> int:
 def thumbnails(run_dir, data_dir, pairs_path, out_path, device="cpu", progress: bool = False,
                overwrite: bool = False, **scoring) -> dict:
     """Write ``out_path`` (Parquet): user_id, video_id, n_segments, duration_ms, thumbnail_slot, start_ms,
-    end_ms, interest (sigmoid of the chosen segment's logit), one row per scored pair in input order.
+    end_ms, keep_probability (the chosen segment's calibrated keep probability, the highest of the pair), one
+    row per scored pair in input order.
 
     ``scoring``: segfast.scoring.score's options (backend, batch_size, on_unknown="error"/"skip", which, ...);
-    an existing ``out_path`` is an error unless ``overwrite``. Returns {"pairs", "rejected",
-    "rejected_summary", "out", "backend", "device", "batch_size"}."""
+    an existing ``out_path`` is an error unless ``overwrite``; a run without a calibrator for checkpoint
+    ``which`` is an error naming ``segfast calibrate``. Returns {"pairs", "rejected", "rejected_summary",
+    "out", "backend", "device", "precision", "batch_size", "calibration"}."""
     import pyarrow as pa
 
     out_path = _check_output(out_path, overwrite, "thumbnails", _inputs(run_dir, data_dir, pairs_path))
+    calibration = _calibration(run_dir, scoring)
     durations = _Durations(data_dir)
     types = {"user_id": pa.int64(), "video_id": pa.int64(), "n_segments": pa.int8(), "duration_ms": pa.int64(),
-             "thumbnail_slot": pa.int8(), "start_ms": pa.int64(), "end_ms": pa.int64(), "interest": pa.float32()}
+             "thumbnail_slot": pa.int8(), "start_ms": pa.int64(), "end_ms": pa.int64(),
+             "keep_probability": pa.float32()}
     schema = pa.schema(list(types.items()))
 
     def tables(chunks):
@@ -246,42 +296,45 @@ def thumbnails(run_dir, data_dir, pairs_path, out_path, device="cpu", progress: 
             s, _, n = _padded(row, offsets, values, d)
             i = np.argmax(s, axis=1) if row.size else np.zeros(0, np.int64)  # the earliest on ties
             best = s[np.arange(row.size), i] if row.size else np.zeros(0)
-            with np.errstate(over="ignore"):
-                interest = 1.0 / (1.0 + np.exp(-best))
-            cols = (uid, vid, n, d, i, SEGMENT_MS * i, np.minimum(SEGMENT_MS * (i + 1), d), interest)
+            cols = (uid, vid, n, d, i, SEGMENT_MS * i, np.minimum(SEGMENT_MS * (i + 1), d), best)
             yield pa.table({k: pa.array(np.asarray(x).astype(types[k].to_pandas_dtype()), type=types[k])
                             for k, x in zip(types, cols)}, schema=schema)
 
     with _scored(run_dir, data_dir, pairs_path, out_path, _scoring(device, progress, scoring)) as (man, chunks):
-        n_pairs = _write_stream(out_path, schema, tables(chunks), "thumbnails", overwrite)
-    return _summary(n_pairs, man, out_path)
+        n_pairs = _write_stream(out_path, schema, tables(chunks), "thumbnails", overwrite, calibration)
+    return _summary(n_pairs, man, out_path, calibration)
 
 
 def edit(run_dir, data_dir, pairs_path, out_path, threshold: float = 0.5, device="cpu",
          progress: bool = False, overwrite: bool = False, **scoring) -> dict:
     """Write ``out_path`` (Parquet): user_id, video_id, n_segments, duration_ms, skip_start_ms list<int64>,
-    skip_end_ms list<int64>, skipped_ms (total), kept_ms, one row per scored pair in input order.
+    skip_end_ms list<int64>, skipped_ms (total), kept_ms, one row per scored pair in input order. Skipped: the
+    segments whose calibrated keep probability is < ``threshold`` (0.3: fewer than 30% of the viewers who reach
+    the segment keep watching past it).
 
-    ``scoring`` and ``overwrite`` as in :func:`thumbnails`. Returns thumbnails' summary plus
-    "skipped_fraction" (skipped time over total time of the scored pairs)."""
+    ``scoring``, ``overwrite`` and the calibrator as in :func:`thumbnails`. Returns thumbnails' summary plus
+    "threshold", "skipped_fraction" (skipped time over total time of the scored pairs) and
+    "skipped_segment_fraction" (skipped segments over all segments of the scored pairs)."""
     import pyarrow as pa
 
     if not 0.0 <= float(threshold) <= 1.0:
         raise ValueError(f"threshold={threshold!r}: expected a probability in [0, 1]")
     out_path = _check_output(out_path, overwrite, "edit", _inputs(run_dir, data_dir, pairs_path))
+    calibration = _calibration(run_dir, scoring)
     durations = _Durations(data_dir)
     types = {"user_id": pa.int64(), "video_id": pa.int64(), "n_segments": pa.int8(), "duration_ms": pa.int64(),
              "skip_start_ms": pa.list_(pa.int64()), "skip_end_ms": pa.list_(pa.int64()),
              "skipped_ms": pa.int64(), "kept_ms": pa.int64()}
     schema = pa.schema(list(types.items()))
-    totals = {"skipped": 0, "duration": 0}
+    totals = {"skipped": 0, "duration": 0, "skipped_segments": 0, "segments": 0}
 
     def tables(chunks):
         for row, uid, vid, offsets, values in chunks:
             d = durations(row, uid, vid)
             s, valid, n = _padded(row, offsets, values, d)
-            with np.errstate(over="ignore"):
-                low = valid & (1.0 / (1.0 + np.exp(-s)) < float(threshold))
+            low = valid & (s < float(threshold))
+            totals["skipped_segments"] += int(low.sum())
+            totals["segments"] += int(n.sum())
             prev = np.zeros_like(low)
             prev[:, 1:] = low[:, :-1]
             nxt = np.zeros_like(low)
@@ -304,6 +357,8 @@ def edit(run_dir, data_dir, pairs_path, out_path, threshold: float = 0.5, device
                             "kept_ms": pa.array(d - skipped, pa.int64())}, schema=schema)
 
     with _scored(run_dir, data_dir, pairs_path, out_path, _scoring(device, progress, scoring)) as (man, chunks):
-        n_pairs = _write_stream(out_path, schema, tables(chunks), "edit", overwrite)
-    return dict(_summary(n_pairs, man, out_path),
-                skipped_fraction=(totals["skipped"] / totals["duration"]) if totals["duration"] else 0.0)
+        n_pairs = _write_stream(out_path, schema, tables(chunks), "edit", overwrite, calibration)
+    return dict(_summary(n_pairs, man, out_path, calibration), threshold=float(threshold),
+                skipped_fraction=(totals["skipped"] / totals["duration"]) if totals["duration"] else 0.0,
+                skipped_segment_fraction=(totals["skipped_segments"] / totals["segments"]) if totals["segments"]
+                else 0.0)

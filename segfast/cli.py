@@ -541,14 +541,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(s, backend=False)
     s.set_defaults(func=_cmd_segrec)
 
-    for name, fn, helptext in (("thumbnails", _cmd_thumbnails, "the highest-interest segment of each pair"),
-                               ("edit", _cmd_edit, "the time ranges below an interest threshold, to skip")):
-        s = _parser(sub, name, helptext + " (scores the pairs like `segfast score`)", common)
+    for name, fn, helptext in (("thumbnails", _cmd_thumbnails, "the segment of each pair with the highest calibrated "
+                                                                "keep probability"),
+                               ("edit", _cmd_edit, "the time ranges whose calibrated keep probability is below a "
+                                                   "threshold, to skip")):
+        s = _parser(sub, name, helptext + " (scores the pairs like `segfast score --probabilities`; needs the run's "
+                    "calibration.json: segfast calibrate)", common)
         _add_device(s)
         add_score_arguments(s, out_help="output Parquet file (one row per scored pair)", part_rows=False)
         if name == "edit":
             s.add_argument("--threshold", type=float, default=0.5,
-                           help="skip the segments whose interest (sigmoid of the logit) is below this")
+                           help="skip the segments whose calibrated keep probability P(keep watching past the "
+                                "segment | reached it) is below this (0.3: fewer than 30%% of the viewers who reach "
+                                "it keep watching)")
         s.set_defaults(func=fn)
 
     s = _parser(sub, "verify", "check a prepared dataset, a run directory or a score output against its manifest "

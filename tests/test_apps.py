@@ -1,4 +1,5 @@
-"""Applications (thumbnails, editing) on hand-built scores, and the figures."""
+"""Applications (thumbnails, editing) on hand-built keep probabilities and on a calibrated run, and the figures.
+(tests/test_plots.py checks what the case-study figures show.)"""
 import json
 
 import numpy as np
@@ -16,26 +17,29 @@ def test_segment_range_last_segment_cut_at_duration():
 
 
 def test_thumbnail_hand_scores():
-    # 3 segments (12345 ms); slot 1 is highest
-    assert thumbnail_segment([0.1, 2.0, -1.0], 12345) == (1, 5000, 10000)
+    # 3 segments (12345 ms); slot 1 has the highest keep probability
+    assert thumbnail_segment([0.4, 0.9, 0.3], 12345) == (1, 5000, 10000)
     # last (short) segment wins: its range ends at the duration
-    assert thumbnail_segment([0.1, 2.0, 3.0], 12345) == (2, 10000, 12345)
-    # ties -> earliest; scores past N (padding) are ignored
-    assert thumbnail_segment([1.0, 1.0, 0.0, 99.0], 15000) == (0, 0, 5000)
+    assert thumbnail_segment([0.4, 0.9, 0.95], 12345) == (2, 10000, 12345)
+    # ties -> earliest; values past N (padding) are ignored
+    assert thumbnail_segment([0.7, 0.7, 0.5, 0.99], 15000) == (0, 0, 5000)
     with pytest.raises(ValueError, match="2 scores for a video of 12345 ms, which has 3 segments"):
-        thumbnail_segment([0.0, 1.0], 12345)
+        thumbnail_segment([0.2, 0.8], 12345)
 
 
 def test_skip_ranges_merge_consecutive():
-    # sigmoid: -2 -> .12, -1 -> .27, 0 -> .5, 1 -> .73 ; threshold .5 skips logits < 0 (0 itself is kept)
-    s = [-2.0, -1.0, 1.0, 0.0, -3.0, -0.5]
+    # keep probabilities; threshold .5 skips the segments below .5 (.5 itself is kept)
+    s = [0.12, 0.27, 0.73, 0.5, 0.05, 0.38]
     d = 27000  # 6 segments, the last one 2000 ms
     assert skip_ranges(s, d, 0.5) == [(0, 10000), (20000, 27000)]
     assert skip_ranges(s, d, 0.0) == []
     assert skip_ranges(s, d, 1.0) == [(0, 27000)]
     assert skip_ranges(s, d, 0.2) == [(0, 5000), (20000, 25000)]
+    assert skip_ranges(s, d, 0.3) == [(0, 10000), (20000, 25000)]
     with pytest.raises(ValueError, match="threshold"):
         skip_ranges(s, d, 1.5)
+    with pytest.raises(ValueError, match="not logits"):  # raw logits are not probabilities
+        skip_ranges([-2.0, -1.0, 1.0, 0.0, -3.0, -0.5], d, 0.5)
 
 
 def test_heatmap_png_written(tmp_path):
@@ -84,26 +88,51 @@ def tiny_run(tmp_path_factory):
     (root / "run").mkdir()
     write_run_config(root / "run", mc, None, data_fingerprint(p))
     save_model(root / "run" / "model.safetensors", SegInterestModel(mc))
+    from segfast.calibration import calibrate_run
+
+    calibrate_run(root / "run", root / "prep")  # what segfast train does at the end of a run
     return root, p
 
 
-def test_file_level_thumbnails_edit_case_study(tiny_run, tmp_path):
+def _row_pairs(p, rows, path):
+    """Pairs (user_id, video_id, time_ms) of interaction rows: scored with the same history as the rows."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    it = p.interactions
+    uids = np.asarray(p.users["user_id"])[it["user_idx"][rows]]
+    vids = np.asarray(p.videos["video_id"])[it["video_idx"][rows]]
+    pq.write_table(pa.table({"user_id": pa.array(uids, pa.int64()), "video_id": pa.array(vids, pa.int64()),
+                             "time_ms": pa.array(np.asarray(it["time_ms"])[rows], pa.int64())}), path)
+    return uids, vids
+
+
+def test_file_level_thumbnails_edit_case_study(tiny_run, tmp_path):
+    import pyarrow.parquet as pq
+
     from segfast.apps import edit, thumbnails
-    from segfast.plots import case_study
+    from segfast.calibration import checkpoint_digest
+    from segfast.plots import case_study, row_keep_probability
 
     root, p = tiny_run
     it = p.interactions
     rows = p.rows("test")[:7]
-    uids = np.asarray(p.users["user_id"])[it["user_idx"][rows]]
-    vids = np.asarray(p.videos["video_id"])[it["video_idx"][rows]]
     pairs = tmp_path / "pairs.parquet"
-    pq.write_table(pa.table({"user_id": pa.array(uids, pa.int64()), "video_id": pa.array(vids, pa.int64())}), pairs)
+    uids, vids = _row_pairs(p, rows, pairs)
     th = thumbnails(root / "run", root / "prep", pairs, tmp_path / "th.parquet")
     assert th["pairs"] == 7
+    digest = checkpoint_digest(root / "run", "best")["digest"]
+    assert th["calibration"]["checkpoint_digest"] == digest and th["calibration"]["which"] == "best"
+    meta = pq.read_schema(tmp_path / "th.parquet").metadata
+    assert json.loads(meta[b"segfast.calibration"])["checkpoint_digest"] == digest  # the output records it
     t = pq.read_table(tmp_path / "th.parquet").to_pydict()
+    # the thumbnail is the segment with the highest calibrated keep probability of the row (scored separately)
+    ref = row_keep_probability(root / "run", p, rows)["keep"]
+    for k in range(7):
+        n = int(it["n_segments"][rows[k]])
+        assert t["n_segments"][k] == n  # the video's N is the row's (one duration per synthetic video)
+        assert t["thumbnail_slot"][k] == int(np.argmax(ref[k, :n]))
+        assert t["keep_probability"][k] == pytest.approx(ref[k, :n].max(), rel=1e-5)
     assert t["user_id"] == uids.tolist() and t["video_id"] == vids.tolist()  # input order
     dmax = {}
     for v, d in zip(it["video_idx"], it["duration_ms"]):
@@ -120,6 +149,89 @@ def test_file_level_thumbnails_edit_case_study(tiny_run, tmp_path):
     assert e1["skipped_fraction"] == pytest.approx(1.0)
     edit(root / "run", root / "prep", pairs, tmp_path / "ed0.parquet", threshold=0.0)
     assert pq.read_table(tmp_path / "ed0.parquet").to_pydict()["skipped_ms"] == [0] * 7
+    # a threshold inside the keep probabilities: exactly the segments below it are skipped
+    real = np.arange(40)[None, :] < np.asarray(it["n_segments"])[rows][:, None]
+    thr = float(np.median(ref[real]))
+    em = edit(root / "run", root / "prep", pairs, tmp_path / "edm.parquet", threshold=thr)
+    e = pq.read_table(tmp_path / "edm.parquet").to_pydict()
+    for k in range(7):
+        n = int(it["n_segments"][rows[k]])
+        low = [i for i in range(n) if ref[k, i] < thr]
+        skipped = [i for i in range(n) if any(a <= 5000 * i < b for a, b in zip(e["skip_start_ms"][k],
+                                                                                e["skip_end_ms"][k]))]
+        assert skipped == low
+    assert em["skipped_segment_fraction"] == pytest.approx((ref[real] < thr).mean())
+    assert em["threshold"] == thr and em["calibration"]["checkpoint_digest"] == digest
     assert not [f for f in tmp_path.iterdir() if f.name.startswith(".")]  # no temp leftovers
     cs = case_study(root / "run", root / "prep", tmp_path / "case.png")
     assert open(cs["out"], "rb").read(8) == PNG and len(cs["users"]) >= 1
+
+
+def test_position_dependent_calibration_moves_the_thumbnail(tiny_run, tmp_path):
+    """With a calibrator that depends on the slot, the thumbnail is the highest calibrated keep probability, not
+    the highest logit, and edit thresholds the calibrated probability: checked against the calibrator's formula
+    applied to the model's logits of the same rows."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from segfast.apps import edit, thumbnails
+    from segfast.calibration import DEFAULT_GROUPS, Calibrator, checkpoint_digest, save_calibrator
+    from segfast.demo import score_rows
+
+    root, p = tiny_run
+    run = tmp_path / "run"
+    shutil.copytree(root / "run", run)
+    # keep = sigmoid(p_i + 4) on slot 1 (group [1, 2)), sigmoid(p_i) elsewhere
+    params = [[1.0, 4.0 if g == (1, 2) else 0.0, 0.0] for g in DEFAULT_GROUPS]
+    save_calibrator(run, Calibrator("platt-groups", "raw", DEFAULT_GROUPS, params,
+                                    checkpoint=checkpoint_digest(run, "best")))
+    it = p.interactions
+    rows = p.rows("test")
+    rows = rows[np.asarray(it["n_segments"])[rows] >= 2][:12]
+    pairs = tmp_path / "pairs.parquet"
+    _row_pairs(p, rows, pairs)
+    logits = score_rows(run, root / "prep", rows).astype(np.float64)
+    thumbnails(run, root / "prep", pairs, tmp_path / "th.parquet")
+    t = pq.read_table(tmp_path / "th.parquet").to_pydict()
+    moved = 0
+    for k, r in enumerate(rows):
+        n = int(it["n_segments"][r])
+        keep = 1.0 / (1.0 + np.exp(-(logits[k, :n] + 4.0 * (np.arange(n) == 1))))
+        assert t["thumbnail_slot"][k] == int(np.argmax(keep))
+        assert t["keep_probability"][k] == pytest.approx(keep.max(), rel=1e-5)
+        moved += int(np.argmax(keep)) != int(np.argmax(logits[k, :n]))
+    assert moved > 0  # the calibrated choice differs from the raw-logit choice for some pairs
+    edit(run, root / "prep", pairs, tmp_path / "ed.parquet", threshold=0.5)
+    e = pq.read_table(tmp_path / "ed.parquet").to_pydict()
+    for k, r in enumerate(rows):
+        n = int(it["n_segments"][r])
+        keep = 1.0 / (1.0 + np.exp(-(logits[k, :n] + 4.0 * (np.arange(n) == 1))))
+        skipped = [i for i in range(n) if any(a <= 5000 * i < b for a, b in zip(e["skip_start_ms"][k],
+                                                                                e["skip_end_ms"][k]))]
+        assert skipped == [i for i in range(n) if keep[i] < 0.5]
+
+
+def test_apps_without_calibration_name_segfast_calibrate(tiny_run, tmp_path, capsys):
+    import shutil
+
+    from segfast.apps import edit, thumbnails
+    from segfast.calibration import CALIBRATION_FILE
+    from segfast.cli import main
+
+    root, p = tiny_run
+    run = tmp_path / "run"
+    shutil.copytree(root / "run", run)
+    (run / CALIBRATION_FILE).unlink()
+    pairs = tmp_path / "pairs.parquet"
+    _row_pairs(p, p.rows("test")[:3], pairs)
+    with pytest.raises(ValueError, match="segfast calibrate"):
+        thumbnails(run, root / "prep", pairs, tmp_path / "th.parquet")
+    with pytest.raises(ValueError, match="segfast calibrate"):
+        edit(run, root / "prep", pairs, tmp_path / "ed.parquet", threshold=0.3)
+    capsys.readouterr()
+    rc = main(["edit", "--run-dir", str(run), "--data", str(root / "prep"), "--pairs", str(pairs),
+               "--out", str(tmp_path / "ed.parquet"), "--threshold", "0.3", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "segfast calibrate --run-dir" in err[0]
+    assert not [f for f in tmp_path.iterdir() if f.suffix == ".parquet" and f.name != "pairs.parquet"]

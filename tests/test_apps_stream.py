@@ -1,10 +1,8 @@
 """Issue 15 item 8: thumbnails and edit stream their output (row group by row group from the scorer's parts, never
 every score of every pair in Python lists) and take the unknown-id policy. Checked pair by pair against the
-per-pair reference functions (thumbnail_segment, skip_ranges) applied to `segfast score`'s own scores, over
-several parts and several chunks per part."""
+per-pair reference functions (thumbnail_segment, skip_ranges) applied to `segfast score --probabilities`'s own
+calibrated keep probabilities, over several parts and several chunks per part."""
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import pyarrow as pa
@@ -21,7 +19,11 @@ def world(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("apps_stream")
     p = prepared_world(root)
+    from segfast.calibration import calibrate_run
+
     runs = {m: make_run(root, p, m) for m in ("id", "visual")}
+    for run in runs.values():
+        calibrate_run(run, root / "p")
     t = interaction_pairs(p).select(["user_id", "video_id"]).slice(0, 300)
     pq.write_table(t, root / "pairs.parquet")
     dmax = {}
@@ -35,9 +37,9 @@ def world(tmp_path_factory):
 def _reference_scores(root, run, pairs, out):
     from segfast.scoring import score
 
-    score(run, root / "p", pairs, out, device="cpu", part_rows=64, on_unknown="skip")
+    score(run, root / "p", pairs, out, device="cpu", part_rows=64, on_unknown="skip", probabilities=True)
     t = pa.concat_tables([pq.read_table(f) for f in sorted(out.glob("part-*.parquet"))])
-    return t.column("row").to_pylist(), t.column("video_id").to_pylist(), t.column("scores").to_pylist()
+    return t.column("row").to_pylist(), t.column("video_id").to_pylist(), t.column("keep_probability").to_pylist()
 
 
 @pytest.mark.parametrize("modality", ["id", "visual"])
@@ -55,9 +57,9 @@ def test_stream_matches_per_pair_reference(world, tmp_path, monkeypatch, modalit
         i, a, b = thumbnail_segment(s, dmax[v])
         assert (t["thumbnail_slot"][k], t["start_ms"][k], t["end_ms"][k]) == (i, a, b)
         assert t["duration_ms"][k] == dmax[v] and t["n_segments"][k] == len(s)
-        assert t["interest"][k] == pytest.approx(1 / (1 + math.exp(-s[i])), rel=1e-6)
-    # a threshold in the middle of the interests, so that ranges start, stop and merge
-    thr = float(np.median(1 / (1 + np.exp(-np.concatenate([np.asarray(s) for s in scores])))))
+        assert t["keep_probability"][k] == s[i]  # the chosen segment's calibrated keep probability
+    # a threshold in the middle of the keep probabilities, so that ranges start, stop and merge
+    thr = float(np.median(np.concatenate([np.asarray(s, dtype=np.float64) for s in scores])))
     ed = edit(runs[modality], root / "p", root / "pairs.parquet", tmp_path / "ed.parquet", threshold=thr,
               part_rows=64)
     e = pq.read_table(tmp_path / "ed.parquet").to_pydict()
