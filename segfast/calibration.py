@@ -53,7 +53,8 @@ import numpy as np
 __all__ = ["CALIBRATION_FILE", "FORMAT", "VERSION", "FORMS", "FEATURES", "DEFAULT_GROUPS", "DEFAULT_FORM",
            "DEFAULT_FEATURE", "CalibrationError", "CalibrationMissingError", "Calibrator", "keep_labels", "survival",
            "leave_distribution", "expected_watch_segments", "most_likely_leave", "fit_calibrator", "reliability",
-           "checkpoint_digest", "load_calibrator", "save_calibrator", "calibrate_run", "calibrate_from_args"]
+           "checkpoint_digest", "load_calibrator", "save_calibrator", "calibrate_run", "compare_forms",
+           "calibrate_from_args"]
 
 CALIBRATION_FILE = "calibration.json"
 FORMAT = "segfast-calibration"
@@ -625,11 +626,47 @@ def calibrate_run(run_dir, data_dir, which: str = "best", device="cpu", batch_si
     return cal
 
 
+def compare_forms(dev: dict, test: dict, forms: Sequence = FORMS, features: Sequence = FEATURES) -> list:
+    """Every ``form`` x ``feature`` fitted on ``dev`` and measured on ``test`` (each a dict with "logits",
+    "target", "n_segments"): [{"form", "feature", "ece", "brier", "log_loss", "watch_time_mae"}], plus a first
+    entry for sigmoid(raw logit) (form "none"). The measurement behind the default form (docs/model.md)."""
+    labels, obs = keep_labels(test["target"], test["n_segments"])
+    L = np.asarray(test["logits"], dtype=np.float64)
+    y = np.asarray(test["target"], dtype=np.int64)
+    n = np.asarray(test["n_segments"], dtype=np.int64)
+
+    def row(form, feature, keep):
+        r = reliability(keep[obs], labels[obs])
+        pk = np.clip(keep[obs], 1e-6, 1 - 1e-6)
+        ll = float(-np.mean(labels[obs] * np.log(pk) + (1 - labels[obs]) * np.log(1 - pk)))
+        k = np.where(np.arange(keep.shape[1])[None, :] < n[:, None], keep, np.nan)
+        mae = float(np.abs(expected_watch_segments(k, n) - y).mean())
+        return {"form": form, "feature": feature, "ece": r["ece"], "brier": r["brier"], "log_loss": ll,
+                "watch_time_mae": mae}
+
+    out = [row("none", "sigmoid(raw)", _sigmoid(L))]
+    for form in forms:
+        for feature in features:
+            cal = fit_calibrator(dev["logits"], dev["target"], dev["n_segments"], form=form, feature=feature)
+            out.append(row(form, feature, cal.keep_probability(L, n)))
+    return out
+
+
 def calibrate_from_args(a) -> dict:
     """``segfast calibrate``: fit on dev, write RUN/calibration.json (under the run directory's lock, so never
     beside a training session writing the same run), report the dev fit."""
     from segfast._lock import output_lock
 
+    if getattr(a, "compare", False):  # measure every form, write nothing
+        from segfast.data.prepared import load_prepared
+        from segfast.evaluate import split_logits
+
+        prepared = load_prepared(a.data)
+        kw = dict(which=a.which, batch_size=a.batch_size, device=a.device, prepared=prepared,
+                  precision=getattr(a, "precision", None), progress=not a.quiet)
+        rows = compare_forms(split_logits(None, a.run_dir, "dev", **kw), split_logits(None, a.run_dir, "test", **kw))
+        return {"run_dir": str(a.run_dir), "which": a.which, "fitted_on": "dev", "measured_on": "test",
+                "default": {"form": DEFAULT_FORM, "feature": DEFAULT_FEATURE}, "forms": rows}
     with output_lock(a.run_dir, "calibrate"):
         cal = calibrate_run(a.run_dir, a.data, which=a.which, device=a.device, batch_size=a.batch_size,
                             progress=not a.quiet, precision=getattr(a, "precision", None))

@@ -340,6 +340,12 @@ def _cmd_calibrate(a):
     from segfast.calibration import calibrate_from_args
 
     res = calibrate_from_args(a)
+    if "forms" in res:  # --compare: a Markdown table
+        lines = ["| form | feature | test ECE | test Brier | test log-loss | watch-time MAE |",
+                 "|---|---|---:|---:|---:|---:|"]
+        lines += [f"| {r['form']} | {r['feature']} | {r['ece']:.4f} | {r['brier']:.4f} | {r['log_loss']:.4f} | "
+                  f"{r['watch_time_mae']:.3f} |" for r in res["forms"]]
+        return res, "\n".join(lines) + "\n\n(fitted on dev, measured on test; nothing written)"
     return res, _text(res)
 
 
@@ -512,6 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--which", choices=["best", "last", "final"], default="best",
                    help="checkpoint of the run to calibrate: best dev, last saved, or the exported model.safetensors")
     s.add_argument("--batch-size", type=int, default=1024, help="rows per model call")
+    s.add_argument("--compare", action="store_true",
+                   help="fit every form x feature on dev, print their test ECE / Brier / log-loss / watch-time MAE, "
+                        "write nothing (docs/model.md, 'Calibrated interest')")
     _add_device(s)
     s.set_defaults(func=_cmd_calibrate)
 

@@ -376,3 +376,24 @@ def test_ray_engine_probabilities(world, tmp_path):
                                    np.concatenate(ref[c].to_numpy(zero_copy_only=False)), atol=1e-5)
     np.testing.assert_allclose(got["calibrated_watch_segments"].to_numpy(), ref["calibrated_watch_segments"].to_numpy(),
                                atol=1e-4)
+
+
+def test_compare_forms_measures_every_form_on_held_out_rows():
+    rng = np.random.default_rng(7)
+
+    def truth(p, n):
+        return _sig(0.9 * p + 1.2)
+    dev = dict(zip(("logits", "target", "n_segments"), _simulate(rng, 3000, truth)))
+    test = dict(zip(("logits", "target", "n_segments"), _simulate(rng, 2000, truth)))
+    rows = C.compare_forms(dev, test)
+    assert [(r["form"], r["feature"]) for r in rows[1:]] == [(f, x) for f in C.FORMS for x in C.FEATURES]
+    lab, obs = C.keep_labels(test["target"], test["n_segments"])
+    assert rows[0]["brier"] == pytest.approx(np.mean((_sig(test["logits"])[obs] - lab[obs]) ** 2))
+    best = min(rows, key=lambda r: r["brier"])
+    assert best["feature"] == "raw" and best["form"] != "none"  # the truth is a function of the raw logit
+    cal = C.fit_calibrator(dev["logits"], dev["target"], dev["n_segments"], form="platt", feature="raw")
+    k = cal.keep_probability(test["logits"], test["n_segments"])
+    platt = [r for r in rows if r["form"] == "platt" and r["feature"] == "raw"][0]
+    assert platt["ece"] == pytest.approx(_ece_loop(k[obs], lab[obs]))
+    assert platt["watch_time_mae"] == pytest.approx(
+        np.abs(C.expected_watch_segments(k, test["n_segments"]) - test["target"]).mean())
