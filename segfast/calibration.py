@@ -586,8 +586,9 @@ def load_calibrator(run_dir, which: str = "best") -> Calibrator:
 
 
 def save_calibrator(run_dir, cal: Calibrator) -> Path:
-    """Add (or replace, same weights digest) ``cal`` in RUN/calibration.json, atomically; entries of other
-    checkpoints are kept when the file is readable."""
+    """Add (or replace, same weights digest) ``cal`` in RUN/calibration.json, atomically; the entries of the
+    run's other current checkpoints are kept (when the file is readable), those of weights no checkpoint of the
+    run holds any more (a best/ replaced by further training) are dropped."""
     from segfast import _io
 
     run_dir = Path(run_dir)
@@ -598,7 +599,14 @@ def save_calibrator(run_dir, cal: Calibrator) -> Path:
     entries = []
     if path.is_file():
         try:
-            entries = [c for c in _read_file(path) if (c.checkpoint or {}).get("digest") != cal.checkpoint["digest"]]
+            current = set()
+            for which in ("best", "last", "final"):
+                try:
+                    current.add(checkpoint_digest(run_dir, which)["digest"])
+                except Exception:  # noqa: BLE001 - a checkpoint this run does not have
+                    pass
+            current.discard(cal.checkpoint["digest"])
+            entries = [c for c in _read_file(path) if (c.checkpoint or {}).get("digest") in current]
         except CalibrationError:
             entries = []  # a corrupt file is replaced
     entries.append(cal)

@@ -204,9 +204,17 @@ def test_run_file_missing_corrupt_and_wrong_checkpoint(world, tmp_path):
         C.load_calibrator(run)
     v = verify(run)
     assert not v["ok"] and any("no checkpoint" in x for x in v["problems"])
-    # a second calibration adds an entry; the first one stays
+    # a new calibration drops the entry of weights no checkpoint holds any more ...
     C.calibrate_run(run, root / "p")
+    assert len(json.loads((run / C.CALIBRATION_FILE).read_text())["entries"]) == 1 and verify(run)["ok"]
+    # ... and keeps those of the run's other checkpoints
+    (run / "last").mkdir()
+    torch.manual_seed(6)
+    save_model(run / "last" / "model.safetensors", SegInterestModel(read_run_config(run)["model"]))
+    (run / "last" / "state.json").write_text(json.dumps({"state": {}}))
+    last = C.calibrate_run(run, root / "p", which="last")
     assert len(json.loads((run / C.CALIBRATION_FILE).read_text())["entries"]) == 2
+    assert C.load_calibrator(run, "last").checkpoint == last.checkpoint != C.load_calibrator(run, "best").checkpoint
     # corrupt files
     (run / C.CALIBRATION_FILE).write_text("{not json")
     with pytest.raises(C.CalibrationError, match="unreadable calibration file"):
