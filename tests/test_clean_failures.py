@@ -46,6 +46,9 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
     p = prepared_world(root)
     run = make_run(root, p, "id")
+    from segfast.calibration import calibrate_run
+
+    calibrate_run(run, root / "p")  # thumbnails needs the run's calibrator (segfast train writes it)
     pq.write_table(interaction_pairs(p).slice(0, 200), root / "pairs.parquet")
     return root / "p", run, root / "pairs.parquet"
 

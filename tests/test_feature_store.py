@@ -175,6 +175,10 @@ def test_finite_rows():
 
 def test_thumbnails_pass_the_budget_through(world, tmp_path):
     from segfast.apps import thumbnails
+    from segfast.calibration import CALIBRATION_FILE, calibrate_run
+
+    if not (world["runs"]["visual"] / CALIBRATION_FILE).exists():  # thumbnails needs the run's calibrator
+        calibrate_run(world["runs"]["visual"], world["root"] / "p")
 
     import pyarrow.parquet as pq
 

@@ -61,6 +61,9 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("safety")
     p = prepared_world(root)
     run = make_run(root, p, "id")
+    from segfast.calibration import calibrate_run
+
+    calibrate_run(run, root / "p")  # thumbnails / edit need the run's calibrator (segfast train writes it)
     pairs = root / "pairs.parquet"
     pq.write_table(interaction_pairs(p).slice(0, 12), pairs)
     return {"root": root, "p": p, "data": root / "p", "run": run, "pairs": pairs}
