@@ -364,6 +364,14 @@ def run_experiment(data_dir, out_dir, model_config, train_config, seeds: int, se
             raise ExperimentError(f"{name}: expected an integer >= {lo}, got {v!r}")
     if split not in ("train", "dev", "test"):
         raise ExperimentError(f"split: expected 'train', 'dev' or 'test', got {split!r}")
+    from segfast import distributed as sfdist
+    if sfdist.env_info().distributed:
+        raise ExperimentError("segfast experiment runs in one process, not under torchrun (WORLD_SIZE > 1): train "
+                              "the seeds with `torchrun ... -m segfast train --out E/seed-<k> --seed k [options]`, "
+                              "then run segfast experiment with the same options in one process to reuse them")
+    if label is not None and (not isinstance(label, str) or not label.strip() or "|" in label or "\n" in label):
+        raise ExperimentError(f"label: expected a non-empty name without '|' or newlines (it names a Markdown "
+                              f"table row), got {label!r}")
     out = Path(out_dir)
     check_experiment_dir(out)
     prepared = load_prepared(data_dir)

@@ -282,6 +282,18 @@ def test_refuses_what_it_did_not_write(world, tmp_path, capfd):
     assert "--seed-start" in err and not (tmp_path / "E4").exists()
     out, err = _run(capfd, *args[:4], str(tmp_path / "E4"), "--seeds", "0", *args[7:], rc_expected=2)
     assert "seeds" in err
+    out, err = _run(capfd, *args[:4], str(tmp_path / "E4"), *args[5:], "--label", "a|b", rc_expected=2)
+    assert "label" in err and not (tmp_path / "E4").exists()
+
+
+def test_refuses_torchrun(world, tmp_path, monkeypatch):
+    from segfast.experiment import run_experiment
+    from segfast.model import ModelConfig, TrainConfig
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ExperimentError, match="torchrun"):
+        run_experiment(world / "p", tmp_path / "E", ModelConfig(modality="id"), TrainConfig(), seeds=1)
+    assert not (tmp_path / "E").exists()
 
 
 def test_compare(world, exp1, capfd):
