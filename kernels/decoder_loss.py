@@ -35,6 +35,10 @@ the backward instead launches the chain kernels once with ``G = grad_loss * dlog
 kept from the forward), which gives the exact total gradient. ``segment_decoder`` with autograd enabled and an
 input that requires grad goes through an autograd Function whose backward is the chain kernel.
 
+Position prior (the model's ``prior`` option): ``offset`` [B, S] or ``log_exposure`` [S], constexpr ``PRIOR``,
+applied after the position bias and before the loss (q = p + offset, or q = logsigmoid(p) + log_exposure); the
+logits returned are q. csrc_notes/decoder_loss.md, "Position prior".
+
 float64 inputs (gradcheck) fall back to the frozen reference (``segfast.ops.reference``).
 """
 from __future__ import annotations
@@ -91,14 +95,15 @@ def _operand(t, DT: tl.constexpr, UPCAST: tl.constexpr):
 @triton.jit
 def _decoder_kernel(
     X, Y, WX, WY, BIAS, W, PA, PC, TGT, G, NKEEP,          # inputs (dummies where absent)
-    LOGITS, DLOG, DX, DY,                                   # per-pair outputs
+    OFF, LEXP,                                              # position prior: offset [B, S] / log-exposure [S]
+    LOGITS, DLOG, DQ, DX, DY,                               # per-pair outputs
     DWX_P, DWY_P, DB_P, DPC_P, LOSS_P,                      # per-block partials, each written once
     B, S, DXD, DYD, KH, NH,
     sxb, sxs, sxd, syb, sys, syd,
     sdxb, sdxs, sdxd, sdyb, sdys, sdyd,
     HAS_X: tl.constexpr, HAS_Y: tl.constexpr, FUSION: tl.constexpr, HF: tl.constexpr,
     HAS_POS: tl.constexpr, COMPUTE_LOGITS: tl.constexpr, LOSS: tl.constexpr, GRADS: tl.constexpr,
-    WSIGN: tl.constexpr,
+    WSIGN: tl.constexpr, PRIOR: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
     BKD: tl.constexpr, BND: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -106,6 +111,9 @@ def _decoder_kernel(
     # accumulated [M, BKD] wide over BND-wide y chunks (wide accumulators = fewer re-reads of the other operand).
     # LOSS: 0 = none (G given when GRADS), 1 = bpr-max (weights softmax(WSIGN * p)), 2 = pairwise.
     # HF is the number of fusion heads when FUSION, else 1 (then KH = DXD and NH = DYD).
+    # PRIOR (with COMPUTE_LOGITS): 0 = none; 1 = q = p + OFF; 2 = q = logsigmoid(p) + LEXP. The logits output and
+    # the loss are q; DLOG gets dL/dp (what the weight gradients and the dW kernel need); with PRIOR 2 also
+    # DQ = dL/dq (= dL/dp for PRIOR 1). The chain mode takes G = dL/dp.
     # The dot operand dtype is the fusion weight's (W is cast to the input dtype on the host).
     DT: tl.constexpr = W.dtype.element_ty
     M: tl.constexpr = BLOCK_B * BLOCK_S
@@ -171,7 +179,14 @@ def _decoder_kernel(
             pa = tl.load(PA + ss, mask=ss < S, other=0.0).to(tl.float32)          # [M]
             pc = tl.load(PC + ss, mask=ss < S, other=0.0).to(tl.float32)
             logit += (ss + 1).to(tl.float32) * pa + pc
-        p2 = tl.reshape(logit, (BLOCK_B, BLOCK_S))                                # [BLOCK_B, BLOCK_S]
+        p2 = tl.reshape(logit, (BLOCK_B, BLOCK_S))                                # [BLOCK_B, BLOCK_S] raw
+        if PRIOR == 1:
+            p2 = p2 + tl.load(OFF + out2, mask=ok2, other=0.0).to(tl.float32)
+        if PRIOR == 2:
+            raw2 = p2
+            le = tl.load(LEXP + s2, mask=s2 < S, other=0.0).to(tl.float32)      # [1, BLOCK_S]
+            # logsigmoid(p) = min(p, 0) - log(1 + exp(-|p|))
+            p2 = tl.minimum(raw2, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(raw2))) + le
         tl.store(LOGITS + out2, p2, mask=ok2)
 
     # ---------------------------------------------------------------- loss and dlogits
@@ -213,6 +228,9 @@ def _decoder_kernel(
         g2 = tl.where(keep & (s2 < S), dp * inv_n, 0.0)                           # [BLOCK_B, BLOCK_S]
         tl.store(LOSS_P + blk, tl.sum(tl.where(keep1, row_loss, 0.0), axis=0))
         if GRADS:
+            if PRIOR == 2:
+                tl.store(DQ + out2, g2, mask=ok2)                                 # dL/dq
+                g2 = g2 / (1.0 + tl.exp(raw2))                                    # dL/dp = dL/dq sigmoid(-p)
             tl.store(DLOG + out2, g2, mask=ok2)
     elif GRADS:
         g2 = tl.load(G + out2, mask=ok2, other=0.0).to(tl.float32)                # [BLOCK_B, BLOCK_S]
@@ -419,10 +437,18 @@ def _check(x, y, w_x, w_y, bias, fusion, pos_a, pos_c):
 
 
 def _launch(x, y, w_x, w_y, bias, fusion, pos_a, pos_c, *, target=None, G=None, loss=0,
-            compute_logits=True, grads=False, wsign=-1.0, on_gpu=None):
+            compute_logits=True, grads=False, wsign=-1.0, on_gpu=None, offset=None, log_exposure=None):
     """Run the kernels once; returns a dict of the requested outputs (per-block / per-split partials are summed
-    here, in torch, in a fixed order)."""
+    here, in torch, in a fixed order). ``offset`` [B, S] / ``log_exposure`` [S]: the position prior (at most one;
+    with the forward only)."""
     B, S = _check(x, y, w_x, w_y, bias, fusion, pos_a, pos_c)
+    prior = 1 if offset is not None else (2 if log_exposure is not None else 0)
+    if prior and (offset is not None and log_exposure is not None or not compute_logits):
+        raise ValueError("the position prior: one of offset / log_exposure, with the forward")
+    if offset is not None and tuple(offset.shape) != (B, S):
+        raise ValueError(f"offset must be [B, S]=[{B}, {S}], got {tuple(offset.shape)}")
+    if log_exposure is not None and tuple(log_exposure.shape) != (S,):
+        raise ValueError(f"log_exposure must be [S]=[{S}], got {tuple(log_exposure.shape)}")
     ref = x if x is not None else y
     dev = ref.device
     f32 = torch.float32
@@ -459,9 +485,12 @@ def _launch(x, y, w_x, w_y, bias, fusion, pos_a, pos_c, *, target=None, G=None, 
     if G is not None and tuple(G.shape) != (B, S):
         raise ValueError(f"the logits gradient must be [B, S]=[{B}, {S}], got {tuple(G.shape)}")
     Ga = G.to(f32).contiguous() if G is not None else dummy
+    OFFa = offset.detach().to(device=dev, dtype=f32).contiguous() if prior == 1 else dummy
+    LEXPa = log_exposure.detach().to(device=dev, dtype=f32).contiguous() if prior == 2 else dummy
 
     logits = _poisoned((B, S), f32, dev) if compute_logits else dummy
     dlog = _poisoned((B, S), f32, dev) if (grads and loss > 0) else dummy
+    dq = _poisoned((B, S), f32, dev) if (grads and loss > 0 and prior == 2) else dummy
     dx = _poisoned(x.shape, x.dtype, dev) if (grads and has_x) else dummy_c
     dy = _poisoned(y.shape, y.dtype, dev) if (grads and has_y) else dummy_c
     # per-block partials: every element is written by its block (poisoned too, so a miss would show)
@@ -479,13 +508,14 @@ def _launch(x, y, w_x, w_y, bias, fusion, pos_a, pos_c, *, target=None, G=None, 
     if B > 0:
         _decoder_kernel[(n_blocks,)](
             Xa, Ya, WXa, WYa, bias_t, Wa, PAa, PCa, tgt, Ga, nkeep,
-            logits, dlog, dx, dy,
+            OFFa, LEXPa,
+            logits, dlog, dq, dx, dy,
             dwx_p, dwy_p, db_p, dpc_p, loss_p,
             B, S, DXD, DYD, KH, NH,
             sx[0], sx[1], sx[2], sy[0], sy[1], sy[2],
             sdx[0], sdx[1], sdx[2], sdy[0], sdy[1], sdy[2],
             HAS_X=has_x, HAS_Y=has_y, FUSION=has_f, HF=HF, HAS_POS=has_pos,
-            COMPUTE_LOGITS=compute_logits, LOSS=loss, GRADS=grads, WSIGN=float(wsign),
+            COMPUTE_LOGITS=compute_logits, LOSS=loss, GRADS=grads, WSIGN=float(wsign), PRIOR=prior,
             BLOCK_B=BLOCK_B, BLOCK_S=cfg["BLOCK_S"], BK=cfg["BK"], BN=cfg["BN"], BKD=cfg["BKD"], BND=cfg["BND"],
             UPCAST=upcast, PREC=prec, num_warps=cfg["num_warps"], num_stages=2,
         )
@@ -518,7 +548,8 @@ def _launch(x, y, w_x, w_y, bias, fusion, pos_a, pos_c, *, target=None, G=None, 
         out["loss"] = loss_p.sum() / nkeep[0].clamp_min(1).to(f32)
     if grads:
         if loss > 0:
-            out["dlogits"] = dlog
+            out["dlogits"] = dlog  # dL/d(raw logits)
+            out["dq"] = dq if prior == 2 else dlog  # dL/d(the returned logits)
         out["dx"] = dx if has_x else None
         out["dy"] = dy if has_y else None
         out["dw_x"] = dwx_p.sum(0).to(w_x.dtype) if has_x else None
@@ -551,28 +582,39 @@ def _mask_needed(ctx, grads):
 
 class _DecodeAndLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, y, w_x, w_y, bias, fusion, pos_a, pos_c, target, kind):
+    def forward(ctx, x, y, w_x, w_y, bias, fusion, pos_a, pos_c, target, kind, offset=None, log_exposure=None):
         inputs = (x, y, w_x, w_y, bias, fusion, pos_a, pos_c)
-        out = _launch(*inputs, target=target, loss=LOSS_KINDS[kind], grads=True, wsign=_WSIGN[kind])
+        out = _launch(*inputs, target=target, loss=LOSS_KINDS[kind], grads=True, wsign=_WSIGN[kind],
+                      offset=offset, log_exposure=log_exposure)
         ctx.set_materialize_grads(False)
         ctx.on_gpu = _on_gpu((x if x is not None else y).device)
         ctx.inputs = inputs  # saved by reference (not save_for_backward: the chain path re-reads x, y)
-        ctx.dlogits = out["dlogits"]
+        ctx.dlogits = out["dlogits"]  # dL/dp (raw logits)
+        ctx.dq = out["dq"]            # dL/dq (the returned logits; the same tensor without the exposure prior)
         ctx.grads = tuple(out[k] for k in _GRAD_KEYS)
+        ctx.log_exposure = log_exposure
+        ctx.logits = out["logits"] if log_exposure is not None else None
         return out["logits"], out["loss"]
 
     @staticmethod
     def backward(ctx, grad_logits, grad_loss):
         if grad_logits is None:
             if grad_loss is None:
-                return (None,) * 10
+                return (None,) * 12
+            gl = grad_loss.to(torch.float32)
             grads = tuple(None if g is None else g * grad_loss.to(g.dtype) for g in ctx.grads)
+            gq = ctx.dq * gl
         else:
-            G = grad_logits.to(torch.float32)
+            gq = grad_logits.to(torch.float32)
             if grad_loss is not None:
-                G = G + ctx.dlogits * grad_loss.to(torch.float32)
+                gq = gq + ctx.dq * grad_loss.to(torch.float32)
+            G = gq
+            if ctx.log_exposure is not None:  # dL/dp = dL/dq sigmoid(-p), sigmoid(p) = exp(q - log e)
+                G = gq * -torch.expm1(ctx.logits - ctx.log_exposure.detach().to(torch.float32))
             grads = _chain(ctx.inputs, G, ctx.on_gpu)
-        return _mask_needed(ctx, grads) + (None, None)
+        d_off = gq if ctx.needs_input_grad[10] else None
+        d_le = gq.sum(0) if ctx.needs_input_grad[11] else None
+        return _mask_needed(ctx, grads) + (None, None, d_off, d_le)
 
 
 class _SegmentDecoder(torch.autograd.Function):
@@ -602,38 +644,47 @@ def _needs_grad(*ts) -> bool:
     return torch.is_grad_enabled() and any(torch.is_tensor(t) and t.requires_grad for t in ts)
 
 
-def segment_decoder(x, y, w_x, w_y, bias, fusion, pos_a, pos_c) -> Tensor:
-    """Logits [B, S] fp32 of the segment decoder with position bias (see ``reference.segment_decoder``).
+def segment_decoder(x, y, w_x, w_y, bias, fusion, pos_a, pos_c, offset=None, log_exposure=None) -> Tensor:
+    """Logits [B, S] fp32 of the segment decoder with position bias (see ``reference.segment_decoder``), with the
+    optional position prior (``offset`` [B, S] / ``log_exposure`` [S], ``reference.apply_prior``).
 
-    Without grad: one scoring kernel (forward only). With autograd on and an input requiring grad: an autograd
-    Function whose backward is the chain kernel. float64: the reference.
+    Without grad: one scoring kernel (forward only, the prior in the kernel). With autograd on and an input
+    requiring grad: an autograd Function whose backward is the chain kernel, the prior applied by torch after it.
+    float64: the reference.
     """
+    from segfast.ops import reference
     args = (x, y, w_x, w_y, bias, fusion, pos_a, pos_c)
-    if _has_f64(*args):
-        from segfast.ops import reference
-        return reference.segment_decoder(*args)
-    if _needs_grad(*args):
-        return _SegmentDecoder.apply(*args)
-    return _launch(*args)["logits"]
+    if _has_f64(*args, offset, log_exposure):
+        return reference.segment_decoder(*args, offset, log_exposure)
+    if _needs_grad(*args, offset, log_exposure):
+        return reference.apply_prior(_SegmentDecoder.apply(*args), offset, log_exposure)
+    if offset is not None and log_exposure is not None:
+        return reference.apply_prior(_launch(*args, log_exposure=log_exposure)["logits"], offset)
+    return _launch(*args, offset=offset, log_exposure=log_exposure)["logits"]
 
 
-def decode_and_loss(x, y, w_x, w_y, bias, fusion, pos_a, pos_c, target, kind: str = "bpr-max"):
-    """Fused decoder + intra-video loss: returns (logits [B, S] fp32, loss [] fp32).
+def decode_and_loss(x, y, w_x, w_y, bias, fusion, pos_a, pos_c, target, kind: str = "bpr-max", offset=None,
+                    log_exposure=None):
+    """Fused decoder + position prior + intra-video loss: returns (logits [B, S] fp32, loss [] fp32).
 
     ``kind``: "bpr-max" or "pairwise". Rows with target >= S are excluded; loss 0 (and zero gradients) when no
     row is kept. Gradients are computed in the forward pass; backward through the loss scales them, backward
-    through the logits runs the chain kernel.
+    through the logits runs the chain kernel. ``offset`` [B, S] / ``log_exposure`` [S] (at most one): the prior
+    (``reference.apply_prior``) applied in the kernel before the loss; the logits returned include it.
     """
     if kind not in LOSS_KINDS:
         raise ValueError(f"the fused kernel supports {tuple(LOSS_KINDS)}, not {kind!r}")
+    if offset is not None and log_exposure is not None:
+        raise ValueError("decode_and_loss: pass one of offset / log_exposure")
     args = (x, y, w_x, w_y, bias, fusion, pos_a, pos_c)
-    if _has_f64(*args):
+    if _has_f64(*args, offset, log_exposure):
         from segfast.ops import reference
-        return reference.decode_and_loss(*args, target, kind)
+        return reference.decode_and_loss(*args, target, kind, offset=offset, log_exposure=log_exposure)
     ref = x if x is not None else y
     if ref is not None and ref.shape[1] < 2:
         raise ValueError("the intra-video loss needs S >= 2 slots")
-    if not _needs_grad(*args):
-        out = _launch(*args, target=target, loss=LOSS_KINDS[kind], grads=False, wsign=_WSIGN[kind])
+    if not _needs_grad(*args, offset, log_exposure):
+        out = _launch(*args, target=target, loss=LOSS_KINDS[kind], grads=False, wsign=_WSIGN[kind],
+                      offset=offset, log_exposure=log_exposure)
         return out["logits"], out["loss"]
-    return _DecodeAndLoss.apply(*args, target, kind)
+    return _DecodeAndLoss.apply(*args, target, kind, offset, log_exposure)

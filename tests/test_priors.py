@@ -373,3 +373,118 @@ def test_train_installs_the_training_split_tables(tmp_path):
     assert model.decoder.prior_weight.item() != 1.0  # learned
     st = train(data, run, mc, tc, progress=False, max_steps=3)  # resume takes the table from the checkpoint
     assert st["step"] == 3
+
+
+# ------------------------------------------------------------------------------------------------ fused kernel
+
+def _op_inputs(B, S_, seed, fusion=True):
+    g = torch.Generator().manual_seed(seed)
+    d = 16
+    x = torch.randn(B, S_, d, generator=g)
+    y = torch.randn(B, S_, d, generator=g)
+    w_x, w_y = torch.randn(d, generator=g) * 0.3, torch.randn(d, generator=g) * 0.3
+    bias = torch.tensor(0.2)
+    fus = torch.randn(1, d, d, generator=g) * 0.1 if fusion else None
+    pa, pc = torch.randn(S_, generator=g) * 0.1, torch.randn(S_, generator=g) * 0.1
+    off = torch.randn(B, S_, generator=g) * 2
+    le = torch.log(torch.rand(S_, generator=g) * 0.9 + 0.05)
+    tgt = torch.randint(0, S_, (B,), generator=g)
+    tgt[0] = S_  # an excluded row
+    return [x, y, w_x, w_y, bias, fus, pa, pc], off, le, tgt
+
+
+@pytest.mark.parametrize("kind", ["bpr-max", "bpr-max-literal", "pairwise"])
+@pytest.mark.parametrize("which", ["offset", "log_exposure"])
+@pytest.mark.parametrize("through_logits", [False, True])
+def test_fused_kernel_prior_against_reference(kind, which, through_logits, monkeypatch):
+    """The prior inside the fused training kernel: logits, loss and the gradient of every input (the prior's
+    included), through the loss alone and through loss and logits (the chain path); NaN-poisoned outputs."""
+    from segfast.kernels import decoder_loss as dl
+    monkeypatch.setattr(dl, "POISON_OUTPUTS", True)
+    args, off, le, tgt = _op_inputs(5, 40, seed=len(kind) + len(which))
+    extra = off if which == "offset" else le
+    res = {}
+    for backend in ("torch", "triton"):
+        a = [t.clone().requires_grad_(True) if t is not None else None for t in args]
+        e = extra.clone().requires_grad_(True)
+        logits, loss = ops.decode_and_loss(*a, tgt, kind=kind, backend=backend, **{which: e})
+        obj = loss + ((logits * torch.linspace(-1, 1, 40)).sum() * 0.01 if through_logits else 0.0)
+        obj.backward()
+        res[backend] = (logits.detach(), loss.detach(), [t.grad for t in a if t is not None], e.grad)
+    (lr, Lr, gr, er), (lk, Lk, gk, ek) = res["torch"], res["triton"]
+    assert torch.isfinite(lk).all()
+    torch.testing.assert_close(lk, lr, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(Lk, Lr, rtol=1e-5, atol=1e-5)
+    for i, (a, b) in enumerate(zip(gk, gr)):
+        assert torch.isfinite(a).all(), i
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"grad {i}")
+    torch.testing.assert_close(ek, er, rtol=1e-4, atol=1e-6)
+    # scoring (no grad): the prior inside the forward-only kernel
+    with torch.no_grad():
+        sk = ops.segment_decoder(*args, backend="triton", **{which: extra})
+        sl, ls = ops.decode_and_loss(*args, tgt, kind=kind, backend="triton", **{which: extra})
+    torch.testing.assert_close(sk, lr, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(sl, lr, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(ls, Lr, rtol=1e-5, atol=1e-5)
+
+
+_AOT_PRIOR = """
+import json, sys, torch
+sys.path.insert(0, "bench")
+import compile_table as C
+from segfast.kernels import _aot
+from segfast.model.config import model_preset
+from segfast.model.model import SegInterestModel
+
+out = []
+for arch in (90, 80):
+    rec = _aot.Recorder()
+    card = _aot.CARDS[arch]
+    for prior in ("user", "exposure"):
+        torch.manual_seed(0)
+        cfg = model_preset("paper-code", modality="both", backend="triton", feature_dim=C.FEATURE_DIM,
+                           n_users=64, n_videos=64, prior=prior)
+        model = SegInterestModel(cfg)
+        model.decoder.prior_installed = True  # meta tensors: the table's values do not matter for compiling
+        model = _aot.meta_module(model)
+        for amp in (None, torch.bfloat16):
+            with _aot.capture(card, autocast=amp, recorder=rec):
+                model.train()
+                _, loss = model.loss(C._meta_batch(1024, 64, 64))
+                with _aot.no_autocast():
+                    loss.backward()
+                model.zero_grad(set_to_none=True)
+                model.eval()
+                model.score(C._meta_batch(2048, 64, 64))
+    variants = C.group_variants([la for la in rec.launches if la.name == "_decoder_kernel"], [arch])
+    for v in variants.values():
+        r = _aot.compile_variant(v["job"])
+        consts = C.describe(v)["variant"]
+        out.append({"arch": arch, "variant": consts, "error": r.get("error"), "regs": r.get("regs"),
+                    "stack": r.get("stack")})
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_prior_kernel_variants_compile_for_sm90_and_sm80_without_spills():
+    """The fused kernel with a prior (PRIOR=1 offset, PRIOR=2 exposure), as the paper-code model launches it in
+    training and scoring (fp32 and bf16 autocast), compiles for sm_90 and sm_80 with no register spills."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton.backends.nvidia")
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _AOT_PRIOR], cwd=repo, env=env, capture_output=True, text=True,
+                       timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(r.stdout.strip().splitlines()[-1])
+    priors = {row["variant"].split("PRIOR=")[1].split()[0] for row in rows if "PRIOR=" in row["variant"]}
+    assert {"1", "2"} <= priors, rows
+    bad = [row for row in rows if row["error"] or row["stack"]]
+    assert not bad, bad
+    print("\n".join(f"sm_{r['arch']} regs {r['regs']} stack {r['stack']}: {r['variant']}" for r in rows))

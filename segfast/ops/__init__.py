@@ -56,9 +56,7 @@ def segment_decoder(x, y, w_x, w_y, bias, fusion, pos_a, pos_c, backend: Optiona
     (``reference.apply_prior``), applied after the decoder in every backend."""
     if _resolve(backend) == "triton":
         from segfast.kernels import decoder_loss as _k
-        # the prior is an elementwise op on the kernel's logits (autograd through the kernel's chain backward)
-        return reference.apply_prior(_k.segment_decoder(x, y, w_x, w_y, bias, fusion, pos_a, pos_c),
-                                     offset, log_exposure)
+        return _k.segment_decoder(x, y, w_x, w_y, bias, fusion, pos_a, pos_c, offset, log_exposure)
     return reference.segment_decoder(x, y, w_x, w_y, bias, fusion, pos_a, pos_c, offset, log_exposure)
 
 
@@ -75,13 +73,12 @@ def decode_and_loss(x, y, w_x, w_y, bias, fusion, pos_a, pos_c, target, kind="bp
     """(logits [B, S], loss []): the decoder, the optional position prior (``offset`` / ``log_exposure``,
     ``reference.apply_prior``), then the intra-video loss on the prior-adjusted logits."""
     b = _resolve(backend)
-    prior = offset is not None or log_exposure is not None
     if b == "triton" and kind in ("bpr-max", "bpr-max-literal", "pairwise"):
         from segfast.kernels import decoder_loss as _k
-        if not prior:
-            return _k.decode_and_loss(x, y, w_x, w_y, bias, fusion, pos_a, pos_c, target, kind=kind)
-        # with a prior: the decoder kernel (chain backward), the prior and the loss in torch (not fused yet,
-        # csrc_notes/decoder_loss.md)
+        if offset is None or log_exposure is None:  # the prior (one of them) inside the fused kernel
+            return _k.decode_and_loss(x, y, w_x, w_y, bias, fusion, pos_a, pos_c, target, kind=kind,
+                                      offset=offset, log_exposure=log_exposure)
+        # both priors at once (no model option does that): the decoder kernel, the rest in torch
         logits = reference.apply_prior(_k.segment_decoder(x, y, w_x, w_y, bias, fusion, pos_a, pos_c),
                                        offset, log_exposure)
         return logits, reference.intra_video_loss(logits, target, kind, labels, slot_mask)
