@@ -373,6 +373,10 @@ def test_train_installs_the_training_split_tables(tmp_path):
     assert model.decoder.prior_weight.item() != 1.0  # learned
     st = train(data, run, mc, tc, progress=False, max_steps=3)  # resume takes the table from the checkpoint
     assert st["step"] == 3
+    from segfast.verify import verify
+    res = verify(run)  # `segfast verify`: the weights (table included) load strictly with the run's config
+    assert not res["problems"], res["problems"]
+    assert any("model.safetensors" in c for c in res["checked"])
 
 
 # ------------------------------------------------------------------------------------------------ fused kernel
