@@ -14,14 +14,14 @@ Layout of an experiment directory E
 
 Evaluation
 ----------
-Each seed's best checkpoint is evaluated on ``split`` exactly as :func:`segfast.evaluate.evaluate_run` does
-(same loader, batch size 1024, the same :class:`~segfast.evaluate.RankingAccumulator` fed the same batches,
-tie-breaks seeded by (0, interaction row number)), so its metrics equal ``segfast evaluate``'s. The per-row
-values are kept besides: HR@K and NDCG@K (K in ``DEFAULT_KS``) from :func:`~segfast.evaluate.target_ranks` and
-the watch-time absolute error |E - y| from :func:`~segfast.evaluate.expected_leave_slot`, on rows with
-target < 40 (the metric means over rows are the evaluated metrics). The baselines (Random, AllPosition,
-UserPosition, ItemPosition; fitted on train+dev for test, as ``segfast baselines`` does) get per-row values on
-the same rows.
+Each seed's best checkpoint is evaluated on ``split`` by :func:`segfast.evaluate.evaluate_run` itself (batch
+size 1024, tie-breaks seeded by (0, interaction row number), no calibration section), so its metrics are
+``segfast evaluate``'s. The per-row values come from the logits of :func:`segfast.evaluate.split_logits` (the
+same scoring loop): HR@K and NDCG@K (K in ``DEFAULT_KS``) from :func:`~segfast.evaluate.target_ranks` and the
+watch-time absolute error |E - y| from :func:`~segfast.evaluate.expected_leave_slot`, on rows with target < 40;
+their means are the evaluated metrics (checked per seed: "per_row_max_dev", a warning on stderr above 1e-9).
+The baselines (Random, AllPosition, UserPosition, ItemPosition; fitted on train+dev for test, as
+``segfast baselines`` does) get per-row values on the same rows.
 
 Statistics
 ----------
@@ -51,9 +51,8 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 
 from segfast import _io
-from segfast.evaluate import (BASELINES, DEFAULT_KS, S, TABLE_COLUMNS, PositionBaseline,
-                              RankingAccumulator, evaluate_baselines, expected_leave_slot, fit_splits_for,
-                              random_uniform, split_rows, target_ranks)
+from segfast.evaluate import (BASELINES, DEFAULT_KS, S, TABLE_COLUMNS, PositionBaseline, evaluate_baselines,
+                              expected_leave_slot, fit_splits_for, random_uniform, split_rows, target_ranks)
 
 __all__ = ["run_experiment", "experiment_from_args", "compare_experiments", "paired_bootstrap", "bootstrap_stats",
            "per_row_values", "evaluate_rows", "baseline_rows", "format_markdown", "format_compare",
@@ -119,68 +118,23 @@ def eval_rows(prepared, split: str) -> np.ndarray:
 def evaluate_rows(prepared, run_dir, split: str = "test", device="cpu", backend: Optional[str] = None,
                   precision: Optional[str] = None, seed: int = TIE_SEED,
                   batch_size: int = EVAL_BATCH_SIZE) -> dict:
-    """Evaluate the best checkpoint of ``run_dir`` like :func:`segfast.evaluate.evaluate_run` and keep per-row
-    values. Returns {"result": evaluate_run's dict, "rows": int64 [R] ascending, "values": {metric: [R]}}."""
-    import torch
+    """Evaluate the best checkpoint of ``run_dir`` with :func:`segfast.evaluate.evaluate_run` (the metrics of
+    ``segfast evaluate``, without its calibration section) and keep per-row values computed from the logits of
+    :func:`segfast.evaluate.split_logits` (the same scoring loop). Returns {"result": evaluate_run's dict,
+    "rows": int64 [R] ascending, "values": {metric: [R]}, "per_row_max_dev": max |mean of the per-row values -
+    evaluate_run's metric| (0 up to float rounding; a GPU whose kernels are not deterministic may differ)}."""
+    from segfast.evaluate import evaluate_run, split_logits
 
-    from segfast import ops
-    from segfast import precision as sfprec
-    from segfast.checkpoint import check_compatible, load_run
-    from segfast.data.batches import make_loader
-
-    precision = sfprec.resolve_precision(precision, device)
-    model, meta = load_run(run_dir, which="best", device=device)
-    check_compatible(meta, prepared)
-    acc, acc_s = RankingAccumulator(seed, strict=False), RankingAccumulator(seed, strict=True)
-    sfprec.check_backend(precision, backend or getattr(getattr(model, "config", None), "backend", None)
-                         or ops.get_backend())
-    previous = ops.get_backend()
-    if backend is not None:
-        ops.set_backend(backend)
-        if hasattr(model, "set_backend"):
-            model.set_backend(backend)
-    parts = {"row": [], "logits": [], "target": [], "n_segments": []}
-    try:
-        model.eval()
-        dev = torch.device(device)
-        with torch.no_grad():
-            mc = model.config
-            feats = mc.uses_visual
-            store = None
-            if feats:
-                from segfast.features import FeatureStore
-                store = FeatureStore(prepared.features, dev)
-                model.set_feature_store(store)
-            for batch in make_loader(prepared, split, batch_size, shuffle=False, features=feats,
-                                     exclude_full_40=True, feature_rows=store is not None and store.resident,
-                                     max_user_tokens=mc.max_user_tokens):
-                cpu = {k: batch[k] for k in ("row", "target", "n_segments", "is_cold") if k in batch}
-                if dev.type != "cpu":
-                    batch = {k: (v.to(dev, non_blocking=True) if torch.is_tensor(v) else v)
-                             for k, v in batch.items()}
-                with sfprec.autocast(dev, precision):
-                    logits = model.score(batch)
-                logits = logits.float()
-                args = (logits, cpu["target"], cpu["n_segments"])
-                kw = {"is_cold": cpu.get("is_cold"), "row_ids": cpu["row"]}
-                acc.update(*args, **kw)
-                acc_s.update(*args, **kw)
-                parts["logits"].append(logits.cpu().numpy())
-                for k in ("row", "target", "n_segments"):
-                    parts[k].append(np.asarray(cpu[k], dtype=np.int64))
-    finally:
-        if backend is not None:
-            ops.set_backend(previous)
-    res = acc.result()
-    if res["metrics"]["rows"] == 0:
-        raise ExperimentError(f"split {split!r}: the loader yielded no rows with target < {S}")
-    result = {"split": split, "rows": res["metrics"]["rows"], "metrics": res["metrics"], "cold": res["cold"],
-              "strict": acc_s.result()["metrics"], "precision": precision}
-    cat = {k: np.concatenate(v) for k, v in parts.items()}
-    order = np.argsort(cat["row"], kind="stable")
-    cat = {k: v[order] for k, v in cat.items()}
-    values = _rows_values(cat["logits"], cat["target"], cat["n_segments"], cat["row"], seed)
-    return {"result": result, "rows": cat["row"], "values": values}
+    result = evaluate_run(None, run_dir, split=split, batch_size=batch_size, device=device, seed=seed,
+                          backend=backend, prepared=prepared, precision=precision, calibration=False)
+    lg = split_logits(None, run_dir, split=split, which="best", batch_size=batch_size, device=device,
+                      precision=precision, backend=backend, prepared=prepared)
+    order = np.argsort(lg["row"], kind="stable")
+    rows = np.asarray(lg["row"], dtype=np.int64)[order]
+    values = _rows_values(np.asarray(lg["logits"])[order], np.asarray(lg["target"], dtype=np.int64)[order],
+                          np.asarray(lg["n_segments"], dtype=np.int64)[order], rows, seed)
+    dev = max(abs(float(values[m].mean()) - result["metrics"][m]) for m in values)
+    return {"result": result, "rows": rows, "values": values, "per_row_max_dev": dev}
 
 
 def baseline_rows(prepared, rows: np.ndarray, split: str = "test", seed: int = TIE_SEED,
@@ -412,10 +366,15 @@ def run_experiment(data_dir, out_dir, model_config, train_config, seeds: int, se
         if not np.array_equal(ev["rows"], rows):
             raise ExperimentError(f"{rd}: the evaluated rows differ from split {split!r}'s rows with target < {S}")
         values.append(ev["values"])
+        if ev["per_row_max_dev"] > 1e-9:
+            _log(True, f"segfast experiment: warning: seed {k}: the per-row values average to within "
+                       f"{ev['per_row_max_dev']:.2e} of segfast evaluate's metrics (two scoring passes differ: "
+                       "non-deterministic kernels?); the CIs use the per-row values, the tables the metrics")
         res = ev["result"]
         per_seed.append({"seed": k, "run_dir": str(rd), "status": status, "stopped": summary.get("stopped"),
                          "step": summary.get("step"), "best_step": summary.get("best_step"),
-                         "train_s": round(t1 - t0, 3), "eval_s": round(t2 - t1, 3), "metrics": res["metrics"],
+                         "train_s": round(t1 - t0, 3), "eval_s": round(t2 - t1, 3),
+                         "per_row_max_dev": ev["per_row_max_dev"], "metrics": res["metrics"],
                          "cold": res["cold"], "strict": res["strict"], "precision": res["precision"]})
         m = res["metrics"]
         _log(progress, f"segfast experiment: seed {k} ({i + 1}/{len(seed_list)}) {status}: train {t1 - t0:.1f} s, "

@@ -167,6 +167,7 @@ def test_experiment_equals_evaluate_and_baselines(world, exp1, capfd):
     prepared = load_prepared(world / "p")
     assert doc["data"]["content_sha256"] == prepared.content_fingerprint()
     for s in doc["per_seed"]:
+        assert s["per_row_max_dev"] < 1e-12
         ev = evaluate_run(world / "p", E / f"seed-{s['seed']}", split="test", prepared=prepared)
         for sec in ("metrics", "cold", "strict"):
             assert s[sec] == ev[sec], (s["seed"], sec)  # exactly, through the same accumulator
