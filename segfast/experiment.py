@@ -499,36 +499,56 @@ def _ci(d: dict, digits: int) -> str:
 
 
 def plot_experiment(result: dict, out_png) -> str:
-    """Per-seed points (and mean ± std) of the model and the baselines as horizontal lines, for HR@1 and NDCG@5,
-    all rows and cold rows."""
+    """Per-seed points (and mean ± std) of the model and the baselines as labelled horizontal lines, for HR@1 and
+    NDCG@5, all rows and cold rows. The y range fits the model and the position baselines; Random, usually far
+    below, is named in the corner when it falls outside."""
     from segfast.plots import _plt, _save
 
     plt = _plt()
     secs = ["all"] + (["cold"] if result["cold_rows"] else [])
-    fig, axes = plt.subplots(len(secs), len(PLOT_METRICS), figsize=(4.2 * len(PLOT_METRICS), 3.4 * len(secs)),
+    fig, axes = plt.subplots(len(secs), len(PLOT_METRICS), figsize=(4.6 * len(PLOT_METRICS), 3.6 * len(secs)),
                              squeeze=False)
     colors = {"Random": "tab:gray", "AllPosition": "tab:green", "UserPosition": "tab:red",
               "ItemPosition": "tab:purple"}
+    n = len(result["seeds"])
     for i, sec in enumerate(secs):
         for j, met in enumerate(PLOT_METRICS):
             ax = axes[i][j]
-            s = result["summary"][sec][met]
-            vals = s["values"]
-            x = np.linspace(-0.15, 0.15, len(vals)) if len(vals) > 1 else np.zeros(1)
-            ax.scatter(x[:len(vals)], vals, color="tab:blue", zorder=3, label=f"{result['label']} (per seed)")
-            if s["mean"] is not None:
-                ax.errorbar([0.35], [s["mean"]], yerr=[[s["std"] or 0.0], [s["std"] or 0.0]], fmt="D",
-                            color="black", capsize=4, zorder=3, label="mean ± std")
+            sm = result["summary"][sec][met]
+            vals = sm["values"]
+            x = np.linspace(-0.15, 0.15, len(vals)) if len(vals) > 1 else np.zeros(len(vals))
+            ax.scatter(x, vals, color="tab:blue", zorder=3, label=f"{result['label']} (per seed)")
+            span = list(vals)
+            if sm["mean"] is not None:
+                sd = sm["std"] or 0.0
+                ax.errorbar([0.35], [sm["mean"]], yerr=[[sd], [sd]], fmt="D", color="black", capsize=4, zorder=3,
+                            label="mean ± std")
+                span += [sm["mean"] - sd, sm["mean"] + sd]
+            lines = []
             for b, r in result["baselines"].items():
                 v = (r["metrics"] if sec == "all" else (r["cold"] or {})).get(met)
                 if v is not None:
+                    lines.append((b, v))
+                    if b != "Random":
+                        span.append(v)
+            if span:
+                lo, hi = min(span), max(span)
+                pad = max(0.15 * (hi - lo), 0.01)
+                ax.set_ylim(lo - pad, hi + pad)
+            ylo, yhi = ax.get_ylim()
+            for b, v in lines:
+                if ylo <= v <= yhi:
                     ax.axhline(v, color=colors.get(b, "tab:olive"), ls="--", lw=1.2, label=b)
+                    ax.text(0.79, v, f" {b}", color=colors.get(b, "tab:olive"), fontsize=7, va="bottom", ha="right")
+                else:
+                    ax.text(0.02, 0.02 if v < ylo else 0.95, f"{b}: {v:.4f} ({'below' if v < ylo else 'above'})",
+                            transform=ax.transAxes, fontsize=7, color=colors.get(b, "tab:olive"))
             ax.set_xlim(-0.6, 0.8)
             ax.set_xticks([])
             ax.set_title(f"{met}, {'all rows' if sec == 'all' else 'cold rows'} ({result['split']})")
             ax.grid(axis="y", alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="best")
-    fig.suptitle(f"{result['label']}: {len(result['seeds'])} seeds vs position baselines", fontsize=10)
+    fig.suptitle(f"{result['label']}: {n} seed{'s' if n != 1 else ''} vs the position baselines", fontsize=10)
     fig.tight_layout()
     return _save(fig, out_png)
 
