@@ -13,20 +13,21 @@ probability scale (the ranking loss fixes only their order within a video), so s
   one range [5000 a, min(5000 (b + 1), duration)).
 
 Durations: a video's duration is the largest ``duration_ms`` over its rows in the prepared dataset (the same
-row that gives ``videos.n_segments``, the largest N). The file-level functions score the pairs with
-``segfast.scoring.score(..., probabilities=True)`` (its ``keep_probability`` column: the calibrator applied to
-the full logits of each pair) after loading the run's calibrator for the checkpoint ``which`` (a run without
-one is an error naming ``segfast calibrate``); the output records the calibrator used (Parquet schema metadata
-key ``segfast.calibration`` and the summary's ``"calibration"``: file, checkpoint, weights digest, form). Pairs
-Parquet: int64 user_id, video_id[, time_ms]; the same scoring options:
-backend, batch size, the unknown-id policy ``on_unknown`` "error" / "skip") into a temporary directory next
-to ``out_path`` and write one Parquet file atomically (``segfast._io``), one row per scored pair in input
-order. They stream: the scorer's parts are read back ``_CHUNK_ROWS`` pairs at a time, turned into output rows
-with array operations, and written as one row group each to the temporary file, so memory does not grow with
-the number of pairs (scoring itself is flat too; see docs/scoring.md). ``out_path`` may not be (or lie inside) the pairs, the prepared dataset or the run directory; an existing
-output is refused unless ``overwrite``, and even then unless segfast wrote it for the same command: the file's
-Parquet schema metadata key ``segfast.output`` holds ``{"kind": "thumbnails"}`` / ``{"kind": "edit"}``
-(segfast._guard).
+row that gives ``videos.n_segments``, the largest N). The file-level functions first load the run's calibrator
+for the checkpoint ``which`` (a run without one is an error naming ``segfast calibrate``), then score the pairs
+(Parquet: int64 user_id, video_id[, time_ms]) with ``segfast.scoring.score(..., probabilities=True)`` and the
+same scoring options (backend, batch size, the unknown-id policy ``on_unknown`` "error" / "skip", ...) into a
+temporary directory next to ``out_path``, and read back its ``keep_probability`` column (the calibrator applied
+to the full logits of each pair, the completed pseudo-slot included, which the ``scores`` column lacks). They
+write one Parquet file atomically (``segfast._io``), one row per scored pair in input order, that records the
+calibrator used (Parquet schema metadata key ``segfast.calibration``, also the summary's ``"calibration"``:
+file, checkpoint, weights digest, form, feature, what it was fitted on). They stream: the scorer's parts are
+read back ``_CHUNK_ROWS`` pairs at a time, turned into output rows with array operations, and written as one
+row group each to the temporary file, so memory does not grow with the number of pairs (scoring itself is flat
+too; see docs/scoring.md). ``out_path`` may not be (or lie inside) the pairs, the prepared dataset or the run
+directory; an existing output is refused unless ``overwrite``, and even then unless segfast wrote it for the
+same command: the file's Parquet schema metadata key ``segfast.output`` holds ``{"kind": "thumbnails"}`` /
+``{"kind": "edit"}`` (segfast._guard).
 """
 from __future__ import annotations
 
