@@ -65,8 +65,8 @@ def exposure_table(inter: dict) -> np.ndarray:
 def compute_priors(inter: dict, prior: str, n_users: int, prior_strength: float = 5.0) -> np.ndarray:
     """The table the model's ``prior`` option keeps (``SegInterestModel.install_prior``): float32 [1, 40]
     (global hazards), [n_users, 40] (user hazards) or [40] (exposure)."""
-    if prior == "global":
-        return hazard_tables(inter, max(int(n_users), 0), prior_strength)[0][None, :].astype(np.float32)
+    if prior == "global":  # (n_users is not needed: one row)
+        return PositionBaseline("AllPosition").fit(inter, _train_rows(inter)).hazard_all[None, :].astype(np.float32)
     if prior == "user":
         if n_users < 1:
             raise ValueError("position prior 'user': the model has no users (n_users = 0)")
