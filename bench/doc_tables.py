@@ -40,8 +40,10 @@ NOT_RUN = "(not run: --cheap-only)"
 
 
 class Ctx:
-    def __init__(self, work: Path, sample: Path, threads: int, cheap_only: bool, seeds: int = SEEDS):
+    def __init__(self, work: Path, sample: Path, threads: int, cheap_only: bool, seeds: int = SEEDS,
+                 max_steps: Optional[int] = None):
         self.work, self.sample, self.threads, self.cheap_only, self.seeds = work, sample, threads, cheap_only, seeds
+        self.max_steps = max_steps
 
     # ---- data (cheap) --------------------------------------------------------------------------------------
     def demo_data(self) -> tuple[Path, Path]:
@@ -87,6 +89,8 @@ class Ctx:
 
         argv = ["train", "--data", str(data), "--out", str(out), *options, "--seed", str(seed), "--device", "cpu",
                 "--threads", str(self.threads), "--quiet", "--json"]
+        if self.max_steps is not None:  # a quick look: the run stays unfinished and a later call resumes it
+            argv += ["--max-steps", str(self.max_steps)]
         import contextlib
         import io
 
@@ -330,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--seeds", type=int, default=SEEDS, help="training seeds 0..N-1 of the multi-seed tables")
     ap.add_argument("--cheap-only", action="store_true", help="only the rows that take seconds (no training)")
+    ap.add_argument("--max-steps", type=int, default=None,
+                    help="stop every training run after this many steps (a quick look at the pipeline, not the "
+                         "docs' numbers; a later call without it resumes the runs)")
     return ap
 
 
@@ -338,7 +345,7 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(a.threads)
-    ctx = Ctx(Path(a.work), Path(a.sample), a.threads, a.cheap_only, a.seeds)
+    ctx = Ctx(Path(a.work), Path(a.sample), a.threads, a.cheap_only, a.seeds, a.max_steps)
     ctx.work.mkdir(parents=True, exist_ok=True)
     print(TABLES[a.table](ctx))
     return 0
