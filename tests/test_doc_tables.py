@@ -337,3 +337,53 @@ def test_readme_headline_matches_the_demo_table():
     assert REGENERATE.match(line), line
     for cmd in re.findall(r"`([^`]+)`", REGENERATE.match(line).group("cmds")):
         check_command(cmd, "README.md")
+
+
+def _n(s: str) -> int:
+    return int(s.replace(",", ""))
+
+
+def _stats(data_dir: Path) -> dict:
+    import json
+
+    import numpy as np
+
+    from segfast.data.prepared import load_prepared
+
+    c = json.loads((data_dir / "manifest.json").read_text())["counts"]
+    prep = load_prepared(data_dir)
+    test = prep.rows("test")
+    return {**c["splits"], "users": c["users"], "cold_test": c["cold_test"],
+            "ranked_test": int((np.asarray(prep.interactions["target"][test]) < 40).sum())}
+
+
+def _doc(path: str) -> str:
+    return re.sub(r"\s+", " ", (REPO / path).read_text())  # sentences wrap: match across line breaks
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_demo_data_statistics_in_the_docs(work):
+    """The demo data's split sizes and ranked test rows quoted in docs/model.md and docs/segrec.md."""
+    dt = _doc_tables()
+    _, data = dt.Ctx(work, Path("/nonexistent"), threads=1, cheap_only=True).demo_data()
+    s = _stats(data)
+    for doc in ("docs/model.md", "docs/segrec.md"):
+        found = re.findall(r"seed 0 -> ([\d,]+) train / ([\d,]+) dev / ([\d,]+) test rows", _doc(doc))
+        assert found, f"{doc}: the demo data's split sentence moved; update this test"
+        for tr, dv, te in found:
+            assert (_n(tr), _n(dv), _n(te)) == (s["train"], s["dev"], s["test"]), doc
+    m = re.search(r"test split, ([\d,]+) rows with y < 40", _doc("docs/model.md"))
+    assert m and _n(m.group(1)) == s["ranked_test"]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_sample_statistics_in_the_docs(work, sample_csv):
+    """The real sample's users, split sizes and cold test rows quoted in docs/segrec.md and docs/model.md."""
+    dt = _doc_tables()
+    s = _stats(dt.Ctx(work, Path(sample_csv), threads=1, cheap_only=True).sample_data())
+    m = re.search(r"ID only: (\d+) users, ([\d,]+) / ([\d,]+) / ([\d,]+) rows, ([\d,]+) test rows cold",
+                  _doc("docs/segrec.md"))
+    assert m, "docs/segrec.md: the sample's statistics sentence moved; update this test"
+    assert [_n(x) for x in m.groups()] == [s["users"], s["train"], s["dev"], s["test"], s["cold_test"]]
+    m = re.search(r"test ([\d,]+) rows, ([\d,]+) cold\)", _doc("docs/model.md"))
+    assert m and [_n(x) for x in m.groups()] == [s["ranked_test"], s["cold_test"]]
