@@ -423,7 +423,8 @@ def _cmd_demo(a):
     from segfast.demo import run_demo
 
     kw = {} if a.threads is None else {"threads": a.threads}
-    summary = run_demo(a.out, seed=a.seed, quick=a.quick, ablations=a.ablations, device=a.device, **kw)
+    summary = run_demo(a.out, seed=a.seed, quick=a.quick, ablations=a.ablations, device=a.device,
+                       progress=not a.quiet, **kw)
     from segfast.evaluate import format_table
 
     return summary, format_table(summary["results"]) + f"\n\nresults, plots and runs in {a.out}"

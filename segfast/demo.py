@@ -169,8 +169,9 @@ def _segrec_summary(cmp: dict) -> dict:
 
 
 def run_demo(out="segfast_demo", seed: int = 0, quick: bool = False, ablations: bool = False,
-             modality: str = "both", device: str = "cpu", threads: int = 1) -> dict:
-    """The demo end to end; returns the summary also written to OUT/results.json."""
+             modality: str = "both", device: str = "cpu", threads: int = 1, progress: bool = True) -> dict:
+    """The demo end to end; returns the summary also written to OUT/results.json. ``progress``: the training
+    progress bar (stderr; never with ``quick``)."""
     import torch
 
     from segfast.data.prepared import prepare
@@ -206,7 +207,7 @@ def run_demo(out="segfast_demo", seed: int = 0, quick: bool = False, ablations: 
         tc = train_preset("small", seed=seed, device=device, epochs=1 if quick else DEMO_EPOCHS, batch_size=128,
                           lr=5e-3, lr_schedule="cosine", warmup_steps=20, eval_every=15 if quick else 70,
                           patience=2 if quick else 10)
-        train(data, run, mc, tc, progress=not quick, max_steps=20 if quick else None)
+        train(data, run, mc, tc, progress=progress and not quick, max_steps=20 if quick else None)
         from segfast.calibration import CALIBRATION_FILE, calibrate_run
 
         if not (run / CALIBRATION_FILE).exists():  # segfast train fits it at the end of a finished run

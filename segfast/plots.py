@@ -351,7 +351,7 @@ def interest_vs_truth(pred_interest, true_interest, labels: Sequence[str], out_p
     axes[0, 0].legend(handles=handles, fontsize=7, loc="lower left", bbox_to_anchor=(0.0, 1.02), ncol=2,
                       frameon=False)
     if title:
-        axes[0, 0].set_title(title, fontsize=9, pad=32)
+        axes[0, 0].set_title(title, fontsize=9, pad=40)
     _segment_axis(axes[-1, 0], width)
     axes[-1, 0].set_xlabel(_SEGMENT_XLABEL, fontsize=8)
     fig.supylabel(ylabel, fontsize=8)
