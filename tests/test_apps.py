@@ -107,6 +107,15 @@ def _row_pairs(p, rows, path):
     return uids, vids
 
 
+def _gap_threshold(values) -> float:
+    """A threshold amid the values, in the widest gap of their middle half: no value lies near it, so float32
+    outputs and float64 references agree on which side each value is."""
+    v = np.unique(np.asarray(values, dtype=np.float64))
+    mid = np.arange(v.size // 4, 3 * v.size // 4)
+    k = int(mid[np.argmax(v[mid + 1] - v[mid])])
+    return float(0.5 * (v[k] + v[k + 1]))
+
+
 def test_file_level_thumbnails_edit_case_study(tiny_run, tmp_path):
     import pyarrow.parquet as pq
 
@@ -151,7 +160,7 @@ def test_file_level_thumbnails_edit_case_study(tiny_run, tmp_path):
     assert pq.read_table(tmp_path / "ed0.parquet").to_pydict()["skipped_ms"] == [0] * 7
     # a threshold inside the keep probabilities: exactly the segments below it are skipped
     real = np.arange(40)[None, :] < np.asarray(it["n_segments"])[rows][:, None]
-    thr = float(np.median(ref[real]))
+    thr = _gap_threshold(ref[real])
     em = edit(root / "run", root / "prep", pairs, tmp_path / "edm.parquet", threshold=thr)
     e = pq.read_table(tmp_path / "edm.parquet").to_pydict()
     for k in range(7):
@@ -235,3 +244,36 @@ def test_apps_without_calibration_name_segfast_calibrate(tiny_run, tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "segfast calibrate --run-dir" in err[0]
     assert not [f for f in tmp_path.iterdir() if f.suffix == ".parquet" and f.name != "pairs.parquet"]
+
+
+def test_bench_edit_threshold_counts(tiny_run, tmp_path):
+    """bench/edit_threshold.py's table on the tiny run, recounted from the rows' own calibrated keep
+    probabilities and observed leave slots."""
+    import importlib.util
+    from pathlib import Path
+
+    from segfast.plots import row_keep_probability
+
+    spec = importlib.util.spec_from_file_location("edit_threshold", Path(__file__).resolve().parents[1] / "bench" /
+                                                  "edit_threshold.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    root, p = tiny_run
+    rows = p.rows("test")
+    keep = row_keep_probability(root / "run", p, rows)["keep"]
+    it = p.interactions
+    n = np.asarray(it["n_segments"])[rows].astype(np.int64)
+    y = np.asarray(it["target"])[rows].astype(np.int64)
+    slot = np.arange(40)[None, :]
+    real, reached, watched = slot < n[:, None], (slot < n[:, None]) & (slot <= y[:, None]), slot < y[:, None]
+    thr = _gap_threshold(keep[real])
+    res = bench.measure(root / "run", root / "prep", [thr], work=tmp_path / "w")
+    assert res["pairs"] == rows.size and res["segments"] == int(real.sum())
+    assert res["reached_segments"] == int(reached.sum())
+    g = res["thresholds"][0]["calibrated"]
+    skip = real & (keep < thr)
+    assert g["skipped_segments"] == int(skip.sum()) and g["reached_skipped"] == int((skip & reached).sum())
+    assert g["observed_keep_rate_skipped"] == pytest.approx(watched[skip & reached].mean())
+    assert g["observed_keep_rate_kept"] == pytest.approx(watched[~skip & reached].mean())
+    assert g["mean_keep_probability_kept"] == pytest.approx(keep[~skip & reached].mean(), rel=1e-5)
+    assert "| calibrated (edit) |" in bench.markdown(res)
