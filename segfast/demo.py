@@ -246,7 +246,8 @@ def run_demo(out="segfast_demo", seed: int = 0, quick: bool = False, ablations: 
     from segfast import plots
 
     plots.training_curve(runs["ours"] / "metrics.jsonl", out / "training_curve.png")
-    case = plots.case_study(runs["ours"], data, out / "case_study.png", device=device)
+    case = plots.case_study(runs["ours"], data, out / "case_study.png", device=device,
+                            title_note="same rows as interest_vs_truth.png")
     ivt = corr.get("plot") or {}
     if ivt and ivt["rows"] != case["rows"]:  # both come from plots.case_rows
         raise AssertionError(f"case_study.png rows {case['rows']} != interest_vs_truth.png rows {ivt['rows']}")

@@ -228,10 +228,11 @@ def _json_matrix(x: np.ndarray) -> list:
 
 
 def case_study(run_dir, data_dir, out_png, video: Optional[int] = None, max_users: int = 8, split: str = "test",
-               device="cpu", which: str = "best", calibrator=None) -> dict:
+               device="cpu", which: str = "best", calibrator=None, title_note: str = "") -> dict:
     """The paper-style heatmap of one video: the rows :func:`case_rows` picks (``video`` = a raw video id, or
     the one with the most distinct users in ``split``), each row's calibrated keep probability per segment
     (:func:`row_keep_probability`) on a colour scale fitted to the shown values, each row's leave slot boxed.
+    ``title_note`` is appended to the title (the demo: which other figure shows the same rows).
 
     Returns {"video_id", "users", "rows", "leave_slots", "n_segments", "keep_probability" (the plotted [U, N]
     matrix, None past a row's N), "limits" (the colour scale), "calibration", "out"}."""
@@ -246,8 +247,8 @@ def case_study(run_dir, data_dir, out_png, video: Optional[int] = None, max_user
     uid = sel["user_ids"]
     out = case_study_heatmap(keep, sel["target"], [f"user {x}" for x in uid], out_png, n_segments=n,
                              row_segments=sel["n_segments"], limits=lim,
-                             title=f"video {sel['video_id']}, {split} split: each user's last view (same rows as "
-                                   "interest_vs_truth.png)")
+                             title=f"video {sel['video_id']}, {split} split: each user's last view"
+                                   + (f" ({title_note})" if title_note else ""))
     return {"video_id": sel["video_id"], "users": [int(x) for x in uid], "rows": [int(x) for x in sel["rows"]],
             "leave_slots": [int(x) for x in sel["target"]], "n_segments": [int(x) for x in sel["n_segments"]],
             "keep_probability": _json_matrix(keep), "limits": [round(lim[0], 6), round(lim[1], 6)],

@@ -54,6 +54,9 @@ def test_demo_quick_end_to_end(tmp_path, monkeypatch, capsys):
     nrow = [int(it["n_segments"][r]) for r in case["rows"]]
     assert case["leave_slots"] == ivt["leave_slots"] == target
     ax = figs["case_study.png"].axes[0]
+    # each says so in its title
+    assert "same rows as interest_vs_truth.png" in ax.get_title()
+    assert "same rows as case_study.png" in figs["interest_vs_truth.png"].axes[0].get_title()
     boxes = sorted((int(round(q.get_y() + 0.5)), int(round(q.get_x() + 0.5))) for q in ax.patches)
     assert boxes == [(r, y) for r, (y, n) in enumerate(zip(target, nrow)) if y < n]
     # calibrated keep probabilities with visible spread across users and segments, on a scale fitted to them
