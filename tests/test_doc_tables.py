@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import re
 import runpy
 import shlex
@@ -41,6 +42,8 @@ from typing import List, Optional
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# as tests/conftest.py: the public SegMM sample (not in the repository), .ci/run sets the variable
+SAMPLE_CSV = Path(os.environ.get("SEGFAST_SEGMM_SAMPLE") or REPO.parent / "shared" / "data" / "SegMM_inter_sample.csv")
 DOCS = [REPO / "README.md"] + sorted((REPO / "docs").glob("*.md"))
 
 NUMERIC = re.compile(r"\d\.\d|\d\s*%")
@@ -290,8 +293,11 @@ def work(tmp_path_factory):
 def _check_against_doc(name: str, md: str, not_run: str) -> None:
     tables = _tables_made_by(name)
     assert tables, f"no docs table names `python bench/doc_tables.py {name}`"
-    made = [cells(x) for x in md.splitlines()[2:]]
+    table_lines = md.split("\n\n")[0].splitlines()  # the first block: the table (notes may follow)
+    made = [cells(x) for x in table_lines[2:]]
     for t in tables:
+        assert [plain(c) for c in cells(table_lines[0])] == [plain(c) for c in cells(t.header)], \
+            f"{t.doc}:{t.line}: the header differs from what bench/doc_tables.py {name} makes"
         doc_rows = {plain(r[0]): r for r in t.rows}
         assert [plain(r[0]) for r in made] == [plain(r[0]) for r in t.rows], \
             f"{t.doc}:{t.line}: the rows of the table differ from what bench/doc_tables.py {name} makes"
@@ -319,6 +325,23 @@ def test_sample_table_baseline_rows_equal_the_doc(work, sample_csv):
     dt = _doc_tables()
     ctx = dt.Ctx(work, Path(sample_csv), threads=1, cheap_only=True)
     _check_against_doc("sample-unseen", dt.TABLES["sample-unseen"](ctx), dt.NOT_RUN)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_synth_strength_table_and_shares_equal_the_doc(work):
+    """docs/synth.md: the planted-truth ceiling and the baselines on the 90,000-row synthetic set, and the
+    shares of first-segment leaves and full watches (synthetic; the real sample's where it is present)."""
+    dt = _doc_tables()
+    md = dt.TABLES["synth-strength"](dt.Ctx(work, SAMPLE_CSV, threads=1, cheap_only=True))
+    _check_against_doc("synth-strength", md, dt.NOT_RUN)
+    m = re.search(r"have (\d+)% leaves in the first segment and (\d+)% full watches \(the real sample: (\d+)% and "
+                  r"(\d+)%", _doc("docs/synth.md"))
+    assert m, "docs/synth.md: the shares sentence moved; update this test"
+    made = {k: re.match(r"(\d+)% leaves in the first segment, (\d+)% full watches", v).groups()
+            for k, v in (x.split(": ", 1) for x in md.split("\n\n")[1].splitlines())}
+    assert made["synthetic rows"] == m.groups()[:2]
+    if SAMPLE_CSV.is_file():
+        assert made["the real sample"] == m.groups()[2:]
 
 
 def test_readme_headline_matches_the_demo_table():
