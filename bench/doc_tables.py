@@ -8,6 +8,7 @@ of their own are built here, one function per table, each printing the Markdown 
     python bench/doc_tables.py sample-unseen --work /tmp/doc_tables        # docs/model.md, unseen videos
     python bench/doc_tables.py segrec-demo --work /tmp/doc_tables          # docs/segrec.md, synthetic
     python bench/doc_tables.py precision --work /tmp/doc_tables            # docs/model.md, precision
+    python bench/doc_tables.py synth-strength --work /tmp/doc_tables       # docs/synth.md, signal strength
     python bench/doc_tables.py TABLE --cheap-only                          # only the rows that take seconds
 
 Data and runs are kept under --work and reused by the next call (a finished run is not trained again).
