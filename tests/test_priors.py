@@ -85,7 +85,8 @@ def test_leave_log_prob_matches_baseline():
 
 def test_config_validation_and_old_configs():
     for kw, match in [({"prior": "item"}, "prior"), ({"prior_strength": -1.0}, "prior_strength"),
-                      ({"prior_strength": float("nan")}, "prior_strength"), ({"prior_strength": True}, "prior_strength")]:
+                      ({"prior_strength": float("nan")}, "prior_strength"),
+                      ({"prior_strength": True}, "prior_strength")]:
         with pytest.raises(ConfigError, match=match):
             ModelConfig(**kw)
     with pytest.raises(ConfigError, match="n_users"):
