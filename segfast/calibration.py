@@ -36,6 +36,10 @@ and the feature x (``feature``):
   leave distribution softmax(-p) implies (the same distribution as the reciprocal-softmax watch-time
   estimate, docs/spec.md section 7); x = p_i + log sum_{i < j <= M} e^{-p_j}.
 
+Rows with y == 40 (a full watch of a 40-segment video) are excluded from training and evaluation (docs/spec.md
+section 2), so for N == 40 the implied hazard of slot 39 is 1 (x = -50 after clipping) and keep_39, S(40) are
+about 0: such videos are described given that the user left.
+
 A calibrator belongs to one checkpoint: ``calibration.json`` in the run directory holds one entry per
 checkpoint it was fitted for, keyed by the checkpoint's weights digest (the ``segfast_sha256`` tensor digest
 in the safetensors metadata, or the file's sha256 when absent). ``best`` and the exported ``model.safetensors``
