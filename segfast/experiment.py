@@ -396,7 +396,7 @@ def run_experiment(data_dir, out_dir, model_config, train_config, seeds: int, se
     from segfast import __version__
     from segfast.model.config import ModelConfig
     commit = _git_commit()
-    mc_full = model_config.for_data(prepared.n_users, prepared.n_videos, prepared.feature_dim) \
+    mc_full = model_config.for_prepared(prepared) \
         if isinstance(model_config, ModelConfig) else model_config
     result = {
         "kind": KIND, "format_version": FORMAT_VERSION, "label": label, "command": command,

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from segfast.evaluate import PositionBaseline, S, SPLIT_CODES, _column, _hazard_counts
 
-__all__ = ["PRIORS", "compute_priors", "hazard_tables", "exposure_table", "leave_log_prob", "P_FLOOR"]
+__all__ = ["single_row_video_share", "PRIORS", "compute_priors", "hazard_tables", "exposure_table", "leave_log_prob", "P_FLOOR"]
 
 PRIORS = ("none", "global", "user", "exposure")  # ModelConfig.prior
 P_FLOOR = 1e-12  # leave probabilities and exposures are floored here before the log
@@ -33,6 +33,17 @@ def _train_rows(inter: dict) -> np.ndarray:
     if rows.size == 0:
         raise ValueError("position prior: the prepared data has no training rows (split code 0)")
     return rows
+
+
+def single_row_video_share(inter: dict) -> float:
+    """The share of training rows (split 0) whose video has exactly one training row (0.0 without training
+    rows): what ``video_id_dropout="auto"`` is decided on (segfast.model.config.auto_video_id_dropout)."""
+    rows = np.flatnonzero(_column(inter, "split") == SPLIT_CODES["train"])
+    if rows.size == 0:
+        return 0.0
+    v = _column(inter, "video_idx").astype(np.int64)[rows]
+    counts = np.bincount(v)
+    return float((counts[v] == 1).mean())
 
 
 def hazard_tables(inter: dict, n_users: int, prior_strength: float = 5.0) -> tuple[np.ndarray, np.ndarray]:

@@ -345,7 +345,7 @@ def _train(data_dir, out_dir, model_config: ModelConfig, tc: TrainConfig, progre
     ddp = info.distributed
     rank0 = info.rank == 0
     prepared = load_prepared(data_dir)
-    mc = model_config.for_data(prepared.n_users, prepared.n_videos, prepared.feature_dim)
+    mc = model_config.for_prepared(prepared)  # sizes, and video_id_dropout="auto" resolved from the data
     data = data_fingerprint(prepared)
     out = Path(out_dir)
     if ddp:  # only rank 0 looks at the run directory (a refusal there raises on every rank)

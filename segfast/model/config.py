@@ -15,12 +15,12 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, fields
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from segfast.ops import BACKENDS  # ("torch", "sdpa", "triton"): one list for the ops, the config and the CLI
 from segfast.priors import PRIORS  # ("none", "global", "user", "exposure"): position priors, docs/model.md
 
-__all__ = ["ModelConfig", "TrainConfig", "ConfigError", "PRESETS", "MODALITIES", "ABLATIONS", "LOSSES",
+__all__ = ["auto_video_id_dropout", "ModelConfig", "TrainConfig", "ConfigError", "PRESETS", "MODALITIES", "ABLATIONS", "LOSSES",
            "PRIORS", "model_preset", "train_preset"]
 
 MODALITIES = ("id", "visual", "both")
@@ -31,6 +31,26 @@ LR_SCHEDULES = ("constant", "cosine")
 
 class ConfigError(ValueError):
     """An invalid configuration; the message names the field and what was expected."""
+
+
+# video_id_dropout="auto" (docs/model.md, "video_id_dropout: measured, and the auto rule"): most training rows on
+# videos with a single training row (the real SegMM sample: 87.5%) -> a video embedding can memorise its row, and
+# the high rate won there (5 seeds); a few (synthetic KuaiRand 13.5%, the demo data 0.8%) -> the low rate
+AUTO_DROPOUT_SHARE = 0.5
+AUTO_DROPOUT_LOW, AUTO_DROPOUT_HIGH = 0.1, 0.9
+
+
+def auto_video_id_dropout(single_row_share: Optional[float]) -> float:
+    """The rate ``video_id_dropout="auto"`` stands for: AUTO_DROPOUT_HIGH (0.9) when more than half of the
+    training rows are on videos with exactly one training row, else AUTO_DROPOUT_LOW (0.1); 0.1 without the
+    statistic (None: a model built by hand, not by segfast train)."""
+    if single_row_share is None:
+        return AUTO_DROPOUT_LOW
+    share = float(single_row_share)
+    if not 0.0 <= share <= 1.0:
+        raise ConfigError(f"single_row_share={single_row_share!r}: expected a share in [0, 1]")
+    return AUTO_DROPOUT_HIGH if share > AUTO_DROPOUT_SHARE else AUTO_DROPOUT_LOW
+
 
 
 def _from_dict(cls, d: dict, what: str):
@@ -91,7 +111,9 @@ class ModelConfig(_JsonConfig):
     loss: str = "bpr-max"
     backend: str = "torch"
     pos_init: float = 1.0  # initial value of the per-slot position-bias vectors a and c (SPEC: 1)
-    video_id_dropout: float = 0.1  # training rate of replacing a row's video embedding by the unknown-video one
+    # training rate of replacing a row's video embedding by the unknown-video one; "auto": from the training
+    # split's share of rows on single-row videos (auto_video_id_dropout; docs/model.md, "video_id_dropout")
+    video_id_dropout: Union[float, str] = "auto"
     feature_rescale: bool = True  # multiply the L1-normalised features by feature_dim (representation.py)
     slot_types: bool = True  # mark real / completed-pseudo-slot / padding slots (representation.py)
     prior: str = "none"  # position prior: "none", "global", "user" (offsets), "exposure" (the authors' form)
@@ -127,8 +149,9 @@ class ModelConfig(_JsonConfig):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "n_layers" else 1):
                 bad(name, "expected a positive integer" if name != "n_layers" else "expected an integer >= 0")
-        if not (isinstance(self.video_id_dropout, (int, float)) and 0.0 <= float(self.video_id_dropout) < 1.0):
-            bad("video_id_dropout", "expected a number in [0, 1)")
+        vd = self.video_id_dropout
+        if not (vd == "auto" or (isinstance(vd, (int, float)) and not isinstance(vd, bool) and 0.0 <= float(vd) < 1.0)):
+            bad("video_id_dropout", "expected \"auto\" or a number in [0, 1)")
         if not (isinstance(self.dropout, (int, float)) and 0.0 <= float(self.dropout) < 1.0):
             bad("dropout", "expected a float in [0, 1)")
         for name in ("slot_types", "feature_rescale"):
@@ -165,8 +188,11 @@ class ModelConfig(_JsonConfig):
                 bad("prior", "the per-user prior needs n_users >= 1 (the data's users)")
         return self
 
-    def for_data(self, n_users: int, n_videos: int, feature_dim: Optional[int]) -> "ModelConfig":
-        """This config with the data sizes filled in (and checked against any already set)."""
+    def for_data(self, n_users: int, n_videos: int, feature_dim: Optional[int],
+                 single_row_share: Optional[float] = None) -> "ModelConfig":
+        """This config with the data sizes filled in (and checked against any already set), and
+        ``video_id_dropout="auto"`` resolved from ``single_row_share`` (the share of training rows whose video
+        has exactly one training row; None: no statistics, the low rate; see :func:`auto_video_id_dropout`)."""
         if self.uses_visual:
             if feature_dim is None:
                 raise ConfigError(f"modality {self.modality!r} needs segment features, but the data is ID-only")
@@ -179,7 +205,20 @@ class ModelConfig(_JsonConfig):
                 raise ConfigError(f"ModelConfig.{name}={cur} but the data has {v}")
         cfg = dataclasses.replace(self, n_users=int(n_users), n_videos=int(n_videos),
                                   feature_dim=int(feature_dim) if self.uses_visual else None)
-        return cfg.validate(require_data=True)
+        return cfg.resolved(single_row_share).validate(require_data=True)
+
+    def for_prepared(self, prepared) -> "ModelConfig":
+        """:meth:`for_data` with a prepared dataset's sizes and its training split's single-row-video share
+        (what ``segfast train`` builds a run's model config with)."""
+        from segfast.priors import single_row_video_share
+        return self.for_data(prepared.n_users, prepared.n_videos, prepared.feature_dim,
+                             single_row_share=single_row_video_share(prepared.interactions))
+
+    def resolved(self, single_row_share: Optional[float] = None) -> "ModelConfig":
+        """This config with ``video_id_dropout="auto"`` replaced by its rate (unchanged otherwise)."""
+        if self.video_id_dropout != "auto":
+            return self
+        return dataclasses.replace(self, video_id_dropout=auto_video_id_dropout(single_row_share))
 
 
 

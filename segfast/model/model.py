@@ -76,7 +76,9 @@ class SegInterestModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         config.validate(require_data=True)
-        self.config = config
+        # "auto" is resolved from the training data by segfast train (ModelConfig.for_prepared); a model built
+        # from a hand-made config without that statistic gets the low rate (auto_video_id_dropout(None))
+        self.config = config = config.resolved()
         self.visual = _ModalityEncoder(config, "visual") if config.uses_visual else None
         self.id = _ModalityEncoder(config, "id") if config.uses_id else None
         self.decoder = SegmentDecoder(config)
