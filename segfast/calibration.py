@@ -370,21 +370,18 @@ class Calibrator:
         p, n = _check_logits(logits, n_segments)
         R, S = p.shape
         x = _features(p, n, self.feature)
-        slots = np.broadcast_to(np.arange(S)[None, :], (R, S))
-        g = _group_of(slots, self.groups)
-        out = np.full((R, S), np.nan)
-        logn = np.broadcast_to(np.log(n.astype(np.float64))[:, None], (R, S))
-        real = slots < n[:, None]
-        for k, par in enumerate(self.params):
-            m = real & (g == k)
-            if not m.any():
-                continue
-            if self.form == "isotonic-groups":
-                out[m] = np.interp(x[m], par["x"], par["p"])
-            else:
-                a, b, c = par
-                out[m] = _sigmoid(a * x[m] + b + c * logn[m])
-        return out
+        g = _group_of(np.arange(S), self.groups)  # the group of each slot position
+        real = np.arange(S)[None, :] < n[:, None]
+        if self.form == "isotonic-groups":
+            out = np.full((R, S), np.nan)
+            for k, par in enumerate(self.params):
+                m = real & (g == k)[None, :]
+                if m.any():
+                    out[m] = np.interp(x[m], par["x"], par["p"])
+            return out
+        w = np.stack(self.params)[g]  # [S, 3]: a, b, c of each slot's group, all rows at once
+        z = w[None, :, 0] * x + w[None, :, 1] + w[None, :, 2] * np.log(n.astype(np.float64))[:, None]
+        return np.where(real, _sigmoid(z), np.nan)
 
     # ---------------- serialising
     def to_dict(self) -> dict:
