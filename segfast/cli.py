@@ -318,7 +318,8 @@ def _calibration_text(c: dict) -> str:
     """Two lines on the calibration section of evaluate (segfast.calibration)."""
     b, f, w = c["before"], c["after"], c["watch_time_mae"]
     return (f"calibration ({c['calibrator']['form']} on the {c['calibrator']['feature']} logit, "
-            f"{c['calibrator']['source']}): {c['slots']} observed slots, keep rate {c['observed_keep_rate']:.4f}; "
+            f"{c['calibrator']['source']}{'; in-sample: fitted on these rows' if c.get('in_sample') else ''}): "
+            f"{c['slots']} observed slots, keep rate {c['observed_keep_rate']:.4f}; "
             f"ECE {b['ece']:.4f} -> {f['ece']:.4f}, Brier {b['brier']:.4f} -> {f['brier']:.4f} (sigmoid(logit) -> "
             f"calibrated)\nwatch-time MAE (segments): calibrated {w['calibrated']:.4f}, reciprocal-softmax "
             f"{w['reciprocal_softmax']:.4f}, ItemPosition {w['ItemPosition']:.4f}"

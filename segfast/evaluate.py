@@ -605,7 +605,7 @@ def split_logits(data_dir, run_dir, split: str = "dev", which: str = "best", bat
     return out
 
 
-def _calibration_section(cal, fitted_on_the_fly: bool, logits, target, n, item_scores) -> dict:
+def _calibration_section(cal, fitted_on_the_fly: bool, logits, target, n, item_scores, split: str) -> dict:
     """The "calibration" section of evaluate_run: reliability of the per-slot keep probabilities before
     (sigmoid of the raw logit) and after calibration, on the observed slots, and the watch-time MAEs."""
     from segfast import calibration as C
@@ -623,6 +623,8 @@ def _calibration_section(cal, fitted_on_the_fly: bool, logits, target, n, item_s
                        "fitted_on": cal.fitted_on,
                        "source": "fitted on dev now (not written: run segfast calibrate to store it)"
                        if fitted_on_the_fly else "calibration.json"},
+        # evaluated on the rows the calibrator was fitted on (dev): in-sample, optimistic
+        "in_sample": (cal.fitted_on or {}).get("split", "dev") == split,
         "slots": before["slots"], "observed_keep_rate": before["observed_keep_rate"], "bins": 15,
         "before": {"ece": before["ece"], "brier": before["brier"], "mean_predicted": before["mean_predicted"]},
         "after": {"ece": after["ece"], "brier": after["brier"], "mean_predicted": after["mean_predicted"]},
@@ -699,12 +701,13 @@ def evaluate_run(data_dir, run_dir, split: str = "test", batch_size: int = 1024,
                              precision=precision, backend=backend, prepared=prepared)
             cal = C.fit_calibrator(d["logits"], d["target"], d["n_segments"],
                                    checkpoint=C.checkpoint_digest(run_dir, "best"))
+            cal.fitted_on.update({"split": "dev", "precision": d["precision"]})
             fly = True
         ev = {k: np.concatenate(v) for k, v in kept.items()}
         item = PositionBaseline("ItemPosition").fit(inter, np.flatnonzero(np.isin(_column(inter, "split"),
                                                                                     fit_splits_for(split))))
         out["calibration"] = _calibration_section(cal, fly, ev["logits"], ev["target"], ev["n_segments"],
-                                                  item.scores(inter, ev["row"]))
+                                                  item.scores(inter, ev["row"]), split)
         if plots is not None:
             from segfast.plots import reliability_diagram
 

@@ -289,7 +289,7 @@ def test_evaluate_calibration_section(world, tmp_path):
     (run / C.CALIBRATION_FILE).unlink(missing_ok=True)
     res = evaluate_run(root / "p", run, split="test", batch_size=16, plots=tmp_path / "plots")
     sec = res["calibration"]
-    assert "fitted on dev now" in sec["calibrator"]["source"]
+    assert "fitted on dev now" in sec["calibrator"]["source"] and sec["in_sample"] is False
     assert not (run / C.CALIBRATION_FILE).exists()  # evaluate never writes into the run
     assert (tmp_path / "plots" / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # independently: the same calibrator from dev, the test logits, loops over rows
@@ -329,6 +329,7 @@ def test_evaluate_calibration_section(world, tmp_path):
     # with the run's own calibration.json
     C.calibrate_run(run, root / "p")
     assert evaluate_run(root / "p", run, split="test")["calibration"]["calibrator"]["source"] == "calibration.json"
+    assert evaluate_run(root / "p", run, split="dev")["calibration"]["in_sample"] is True
 
 
 def test_finished_training_writes_calibration(world, tmp_path):
