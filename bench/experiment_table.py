@@ -1,12 +1,13 @@
 """One Markdown table from several finished `segfast experiment` directories (the docs' multi-config tables).
 
     python bench/experiment_table.py E/sample-vd0.1 E/sample-vd0.5 E/sample-vd0.9 [--vs ItemPosition UserPosition]
-        [--metrics HR@1 NDCG@5] [--cold] [--label-field video_id_dropout prior]
+        [--metrics HR@1 NDCG@5] [--cold] [--vs-first] [--label-field video_id_dropout prior]
 
 A row per experiment: its label (the model-config fields named by --label-field, as they differ from the
 defaults, or the experiment's --label), mean ± std over its seeds per metric, then for every baseline named by
 --vs the paired bootstrap 95% CI of (seed-averaged model - baseline) that `segfast experiment` computed (its
-experiment.json; nothing is recomputed here). Then one row per baseline with its value. Every experiment must
+experiment.json; nothing is recomputed here) and, with --vs-first, the paired CI of each experiment minus the
+first one (segfast.experiment.compare_experiments on their stored per-row values). Then one row per baseline. Every experiment must
 be on the same data (content sha256) and split; the table's Regenerate line lists the commands recorded in the
 experiment.json files.
 """
@@ -46,10 +47,12 @@ def _fmt_ci(d: dict) -> str:
     return f"{d['diff']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]"
 
 
-def table(docs: list, metrics, vs, part: str, fields) -> str:
+def table(docs: list, metrics, vs, part: str, fields, vs_first=None) -> str:
     head = ["config", "seeds"] + [f"{m}" for m in metrics] + [f"{m} - {b} (95% CI)" for b in vs for m in metrics]
+    if vs_first is not None:
+        head += [f"{m} - first row (95% CI)" for m in metrics]
     lines = ["| " + " | ".join(head) + " |", "|:--|--:|" + "--:|" * (len(head) - 2)]
-    for doc in docs:
+    for i, doc in enumerate(docs):
         s = doc["summary"][part]
         cells = [label_of(doc, fields), str(len(doc["seeds"]))]
         cells += [f"{s[m]['mean']:.4f} ± {s[m]['std']:.4f}" for m in metrics]
@@ -57,11 +60,14 @@ def table(docs: list, metrics, vs, part: str, fields) -> str:
             if b not in doc["differences"][part]:
                 raise SystemExit(f"baseline {b!r} not in the experiment (have {sorted(doc['differences'][part])})")
             cells += [_fmt_ci(doc["differences"][part][b][m]) for m in metrics]
+        if vs_first is not None:
+            cells += ["-" if i == 0 else _fmt_ci(vs_first[i - 1][part][m]) for m in metrics]
         lines.append("| " + " | ".join(cells) + " |")
     base = docs[0]["baselines"]
     for b in vs:
         vals = base[b]["metrics" if part == "all" else "cold"]
-        cells = [b, "-"] + [f"{vals[m]:.4f}" for m in metrics] + [""] * (len(vs) * len(metrics))
+        cells = [b, "-"] + [f"{vals[m]:.4f}" for m in metrics]
+        cells += [""] * (len(head) - len(cells))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -72,6 +78,8 @@ def main(argv=None) -> int:
     p.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS))
     p.add_argument("--vs", nargs="+", default=list(DEFAULT_VS), help="baselines to show CIs against")
     p.add_argument("--cold", action="store_true", help="the cold-video rows instead of all rows")
+    p.add_argument("--vs-first", action="store_true",
+                   help="also the paired bootstrap CI of each experiment minus the first one (segfast experiment-compare)")
     p.add_argument("--label-field", nargs="+", default=["video_id_dropout", "prior"],
                    help="model-config fields that name a row")
     a = p.parse_args(argv)
@@ -86,12 +94,17 @@ def main(argv=None) -> int:
     print(f"Test split, {rows} {'cold ' if a.cold else ''}rows; model: mean ± std over seeds; "
           f"CI: paired bootstrap over rows ({d0['bootstrap']['resamples']} resamples, seed {d0['bootstrap']['seed']}).")
     print()
-    print(table(docs, a.metrics, a.vs, part, a.label_field))
+    vs_first = None
+    if a.vs_first and len(docs) > 1:
+        from segfast.experiment import compare_experiments
+        b = d0["bootstrap"]
+        vs_first = compare_experiments(a.experiments, n_resamples=b["resamples"], bootstrap_seed=b["seed"])["comparisons"]
+    print(table(docs, a.metrics, a.vs, part, a.label_field, vs_first))
     commits = sorted({(d.get("git_commit") or "?")[:12] + ("+dirty" if d.get("git_dirty") else "") for d in docs})
     print()
     print("Regenerate: " + "; ".join(f"`{d['command']}`" for d in docs)
           + f"; `python bench/experiment_table.py {' '.join(a.experiments)}"
-          + (" --cold" if a.cold else "") + f"` (measured at {', '.join(commits)})")
+          + (" --cold" if a.cold else "") + (" --vs-first" if a.vs_first else "") + f"` (measured at {', '.join(commits)})")
     return 0
 
 
