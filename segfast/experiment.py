@@ -598,8 +598,10 @@ def compare_experiments(dirs: Sequence, n_resamples: int = 2000, bootstrap_seed:
                                       "comparison needs the same rows")
         if not np.array_equal(arr["rows"], ref_arr["rows"]):
             raise ExperimentError(f"compare: {d} and {dirs[0]} evaluated different rows")
-    if len({e["label"] for e in exps}) < len(exps):  # same labels (the default "model"): name them by directory
-        for e in exps:
+    # experiments of one label (e.g. the default "model") in different directories are named by their directory
+    clash = {e["label"] for e in exps if len({x["dir"] for x in exps if x["label"] == e["label"]}) > 1}
+    for e in exps:
+        if e["label"] in clash:
             e["label"] = Path(e["dir"]).name if e["label"] in (None, "model") else f"{e['label']} ({Path(e['dir']).name})"
     cold = ref_arr["is_cold"].astype(bool)
     avg = [{m: arr[f"model/{m}"].mean(axis=0) for m in METRICS} for _, arr in loaded]

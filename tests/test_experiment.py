@@ -304,7 +304,7 @@ def test_compare(world, exp1, capfd):
           "--eval-every", "2", "--lr", "0.01", "--label", "lr01", "--bootstrap", "20", *TINY)
     doc, _ = _json(capfd, "experiment-compare", str(E1), str(E5), str(E1), "--bootstrap", "300")
     c = doc["comparisons"]
-    assert [(x["a"], x["b"]) for x in c] == [("lr01", "ours"), ("ours", "ours")]
+    assert [(x["a"], x["b"]) for x in c] == [("lr01", "ours"), ("ours", "ours")]  # one directory per label: labels kept
     for m in METRICS:
         assert (c[1]["all"][m]["lo"], c[1]["all"][m]["hi"]) == (0.0, 0.0)  # an experiment against itself
     z1, z5 = np.load(E1 / "experiment.npz"), np.load(E5 / "experiment.npz")
