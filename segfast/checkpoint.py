@@ -11,6 +11,8 @@ Layout of a run directory::
       metrics.jsonl        one JSON line per dev evaluation (written by segfast.train)
       last/                resume state: model.safetensors, optimizer.safetensors, rng.safetensors, state.json
       best/                best dev checkpoint: model.safetensors, state.json (no optimizer: resuming uses last/)
+      calibration.json     keep-probability calibrators fitted on dev, one per checkpoint weights digest
+                           (segfast.calibration; written when training finishes and by `segfast calibrate`)
 
 Every safetensors file segfast writes carries ``__metadata__["segfast_sha256"]``, a digest of its tensors
 (names, dtypes, shapes, bytes), checked on load when present, so a corrupt file is an error naming it even
