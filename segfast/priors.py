@@ -8,8 +8,8 @@ profile rows never feed it), so a prior never sees an evaluation row.
   gets 0).
 - ``hazard_user`` float [n_users, 40]: the UserPosition estimator, shrunk toward ``hazard_global`` with
   ``prior_strength`` pseudo-rows; a user without training rows gets the global row.
-- ``exposure`` float [40]: e_i = P(slot i reached | N > i) = #(target >= i and N > i) / #(N > i) over the
-  training rows; a slot no training video has (no row with N > i) gets 1.0 (the neutral factor).
+- ``exposure`` float [40]: e_i = P(slot i reached | N > i), Laplace-smoothed: (#(target >= i and N > i) + 1) /
+  (#(N > i) + 2) over the training rows; a slot no training video has (no row with N > i) gets 1.0 (neutral).
 
 :func:`leave_log_prob` turns a row's hazards and N into the additive offset's raw value
 -log(max(P_i, 1e-12)) (the model's convention: a LOW logit is a likely leave slot).
@@ -60,7 +60,12 @@ def hazard_tables(inter: dict, n_users: int, prior_strength: float = 5.0) -> tup
 
 
 def exposure_table(inter: dict) -> np.ndarray:
-    """float64 [40]: e_i = P(target >= i | N > i) over the training rows (1.0 where no row has N > i)."""
+    """float64 [40]: e_i = P(target >= i | N > i) over the training rows, Laplace-smoothed:
+    (#reached + 1) / (#(N > i) + 2), the posterior mean under a uniform prior (1.0 where no row has N > i).
+
+    Never 0: with the raw rate a slot that long training videos have but no training row reached gets e = 0,
+    a log-exposure of log(1e-12) = -27.6, and the logsigmoid form's loss saturates there: on the synthetic
+    KuaiRand data every gradient was exactly 0 from the first step (docs/model.md, "Position priors")."""
     rows = _train_rows(inter)
     y = _column(inter, "target").astype(np.int64)[rows]
     n = _column(inter, "n_segments").astype(np.int64)[rows]
@@ -70,7 +75,7 @@ def exposure_table(inter: dict) -> np.ndarray:
     # reached[i] = #(N > i and target >= i): a row counts for slots 0..min(target, N-1)
     _, reached = _hazard_counts(np.zeros(rows.size, dtype=np.int64), y, n, 1)
     has = np.bincount(n - 1, minlength=S)[::-1].cumsum()[::-1]  # #(N > i) = #(N - 1 >= i)
-    return np.divide(reached[0], has, out=np.ones(S), where=has > 0)
+    return np.divide(reached[0] + 1.0, has + 2.0, out=np.ones(S), where=has > 0)
 
 
 def compute_priors(inter: dict, prior: str, n_users: int, prior_strength: float = 5.0) -> np.ndarray:

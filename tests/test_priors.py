@@ -51,9 +51,10 @@ def test_tables_hand_computed():
     # user 2 (test row only) and user 3 (no row at all): the global row
     np.testing.assert_allclose(hu[2], hg, atol=0)
     np.testing.assert_allclose(hu[3], hg, atol=0)
-    # exposure: P(target >= i | N > i): slot 0: 4/4, slot 1: 3/4, slot 2: (N > 2: three rows, target >= 2: 1) 1/3
+    # exposure: P(target >= i | N > i), Laplace-smoothed (reached + 1) / (N > i rows + 2): slot 0: (4+1)/(4+2),
+    # slot 1: (3+1)/(4+2), slot 2: (N > 2: three rows, target >= 2: one) (1+1)/(3+2)
     e = exposure_table(inter)
-    np.testing.assert_allclose(e[:3], [1.0, 0.75, 1 / 3], atol=1e-15)
+    np.testing.assert_allclose(e[:3], [5 / 6, 4 / 6, 2 / 5], atol=1e-15)
     assert (e[3:] == 1.0).all()  # no training video that long: neutral
     np.testing.assert_array_equal(compute_priors(inter, "global", 0)[0], hg.astype(np.float32))
     assert compute_priors(inter, "user", 4, 2.0).dtype == np.float32
