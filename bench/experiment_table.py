@@ -80,6 +80,8 @@ def main(argv=None) -> int:
     p.add_argument("--cold", action="store_true", help="the cold-video rows instead of all rows")
     p.add_argument("--vs-first", action="store_true",
                    help="also the paired bootstrap CI of each experiment minus the first one (segfast experiment-compare)")
+    p.add_argument("--regenerate", default=None, metavar="CMD",
+                   help="the command named on the Regenerate line (default: the experiments' own commands)")
     p.add_argument("--label-field", nargs="+", default=["video_id_dropout", "prior"],
                    help="model-config fields that name a row")
     a = p.parse_args(argv)
@@ -102,9 +104,12 @@ def main(argv=None) -> int:
     print(table(docs, a.metrics, a.vs, part, a.label_field, vs_first))
     commits = sorted({(d.get("git_commit") or "?")[:12] + ("+dirty" if d.get("git_dirty") else "") for d in docs})
     print()
-    print("Regenerate: " + "; ".join(f"`{d['command']}`" for d in docs)
-          + f"; `python bench/experiment_table.py {' '.join(a.experiments)}"
-          + (" --cold" if a.cold else "") + (" --vs-first" if a.vs_first else "") + f"` (measured at {', '.join(commits)})")
+    if a.regenerate:
+        cmds = f"`{a.regenerate}`"
+    else:
+        cmds = "; ".join(f"`{d['command']}`" for d in docs) + f"; `python bench/experiment_table.py " \
+            f"{' '.join(a.experiments)}" + (" --cold" if a.cold else "") + (" --vs-first" if a.vs_first else "") + "`"
+    print(f"Regenerate: {cmds} (measured at {', '.join(commits)})")
     return 0
 
 
