@@ -252,7 +252,7 @@ def sample_unseen(ctx: Ctx) -> str:
     data = ctx.sample_data()
     rows = []
     variants = [("random init embedding per video (the literal model, `video_id_dropout=0`)", "0"),
-                ("shared embedding, `video_id_dropout=0.1` (default)", "0.1")]
+                ("shared embedding, `video_id_dropout=0.1`", "0.1")]
     for label, rate in variants:
         if ctx.cheap_only:
             rows.append([label] + [NOT_RUN] * 4)
