@@ -35,9 +35,9 @@ def load(path: Path) -> dict:
     return doc
 
 
-def label_of(doc: dict, fields) -> str:
+def label_of(doc: dict, fields, varying=()) -> str:
     cfg = doc.get("model_config", {})
-    parts = [f"{k}={cfg[k]}" for k in fields if k in cfg]
+    parts = [f"{k}={cfg[k]}" for k in list(fields) + [f for f in varying if f not in fields] if k in cfg]
     if doc.get("label") and doc["label"] != "model":
         parts.insert(0, doc["label"])
     return ", ".join(parts) or "model"
@@ -52,9 +52,12 @@ def table(docs: list, metrics, vs, part: str, fields, vs_first=None) -> str:
     if vs_first is not None:
         head += [f"{m} - first row (95% CI)" for m in metrics]
     lines = ["| " + " | ".join(head) + " |", "|:--|--:|" + "--:|" * (len(head) - 2)]
+    # any other model-config field that differs between the experiments names the rows too (e.g. pos_init)
+    keys = sorted({k for d in docs for k in d.get("model_config", {})})
+    varying = [k for k in keys if len({repr(d.get("model_config", {}).get(k)) for d in docs}) > 1]
     for i, doc in enumerate(docs):
         s = doc["summary"][part]
-        cells = [label_of(doc, fields), str(len(doc["seeds"]))]
+        cells = [label_of(doc, fields, varying), str(len(doc["seeds"]))]
         cells += [f"{s[m]['mean']:.4f} ± {s[m]['std']:.4f}" for m in metrics]
         for b in vs:
             if b not in doc["differences"][part]:
