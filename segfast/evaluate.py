@@ -571,6 +571,26 @@ def _scored_batches(model, prepared, split: str, batch_size: int, device, precis
             model.train()
 
 
+def _check_split_and_batch(split: str, batch_size) -> None:
+    if split not in ("train", "dev", "test"):
+        raise ValueError(f"split: expected 'train', 'dev' or 'test', got {split!r}")
+    if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+
+
+def _split_to_score(data_dir, split: str, prepared=None) -> tuple:
+    """(prepared, its interactions, the rows of ``split``); a split without a row to score is an error."""
+    if prepared is None:
+        from segfast.data.prepared import load_prepared
+        prepared = load_prepared(data_dir)
+    inter = prepared.interactions
+    rows = split_rows(inter, split)
+    if rows.size == 0 or not (np.asarray(inter["target"])[rows] < S).any():
+        raise ValueError(f"split {split!r}: no rows to evaluate in {data_dir} "
+                         f"({rows.size} rows, none with target < {S})")
+    return prepared, inter, rows
+
+
 def split_logits(data_dir, run_dir, split: str = "dev", which: str = "best", batch_size: int = 1024,
                  device="cpu", precision: Optional[str] = None, backend: Optional[str] = None, prepared=None,
                  progress: bool = False) -> dict:
@@ -579,19 +599,9 @@ def split_logits(data_dir, run_dir, split: str = "dev", which: str = "best", bat
     from segfast import precision as sfprec
     from segfast.checkpoint import check_compatible, load_run
 
-    if split not in ("train", "dev", "test"):
-        raise ValueError(f"split: expected 'train', 'dev' or 'test', got {split!r}")
-    if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+    _check_split_and_batch(split, batch_size)
     precision = sfprec.resolve_precision(precision, device)
-    if prepared is None:
-        from segfast.data.prepared import load_prepared
-        prepared = load_prepared(data_dir)
-    inter = prepared.interactions
-    rows = split_rows(inter, split)
-    if rows.size == 0 or not (np.asarray(inter["target"])[rows] < S).any():
-        raise ValueError(f"split {split!r}: no rows with target < {S} in {data_dir} ({rows.size} rows); "
-                         "nothing to score")
+    prepared, inter, rows = _split_to_score(data_dir, split, prepared)
     model, meta = load_run(run_dir, which=which, device=device)
     check_compatible(meta, prepared)
     parts = {"logits": [], "target": [], "n_segments": [], "row": []}
@@ -656,22 +666,12 @@ def evaluate_run(data_dir, run_dir, split: str = "test", batch_size: int = 1024,
     from segfast import precision as sfprec
     from segfast.checkpoint import check_compatible, load_run
 
-    if split not in ("train", "dev", "test"):
-        raise ValueError(f"split: expected 'train', 'dev' or 'test', got {split!r}")
-    if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+    _check_split_and_batch(split, batch_size)
     if plots is not None and not calibration:
         raise ValueError("plots: the reliability diagram needs calibration=True")
     _check_seed(seed)
     precision = sfprec.resolve_precision(precision, device)
-    if prepared is None:
-        from segfast.data.prepared import load_prepared
-        prepared = load_prepared(data_dir)
-    inter = prepared.interactions
-    rows = split_rows(inter, split)
-    if rows.size == 0 or not (np.asarray(inter["target"])[rows] < S).any():
-        raise ValueError(f"split {split!r}: no rows to evaluate in {data_dir} "
-                         f"({rows.size} rows, none with target < {S})")
+    prepared, inter, rows = _split_to_score(data_dir, split, prepared)
 
     model, meta = load_run(run_dir, which="best", device=device)
     check_compatible(meta, prepared)

@@ -70,6 +70,28 @@ def make_run(root: Path, prepared, modality: str, **kw) -> Path:
     return rd
 
 
+def calibrated_synth_run(root: Path, users: int, videos: int, interactions: int, seed: int):
+    """synth (SegMM, feature dim 8) -> prepare under root/raw, root/prep, and an untrained small ID run in
+    root/run with its calibrator fitted on dev (what segfast train does at the end): (root, prepared)."""
+    from segfast.calibration import calibrate_run
+    from segfast.data.prepared import load_prepared, prepare
+    from segfast.data.synth import synth
+    from segfast.model.config import model_preset
+
+    synth("segmm", root / "raw", users=users, videos=videos, interactions=interactions, seed=seed, feature_dim=8,
+          progress=False)
+    prepare("segmm", root / "raw", root / "prep", seed=0, feature_dim=8, progress=False)
+    p = load_prepared(root / "prep")
+    mc = model_preset("small", modality="id", d_model=16, n_heads=2, n_layers=1, d_ff=16).for_data(
+        p.n_users, p.n_videos, None)
+    torch.manual_seed(0)
+    (root / "run").mkdir()
+    write_run_config(root / "run", mc, None, data_fingerprint(p))
+    save_model(root / "run" / "model.safetensors", SegInterestModel(mc))
+    calibrate_run(root / "run", root / "prep")
+    return root, p
+
+
 def prepared_world(root: Path):
     """Prepare ``raw_interactions()`` under root/p (random features of dim F) and load it."""
     from segfast.data.prepared import load_prepared, prepare_raw

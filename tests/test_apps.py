@@ -69,29 +69,10 @@ def test_training_curve_and_interest_vs_truth(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """A tiny synthetic prepared dataset and a Task-1 run with an untrained ID model."""
-    import torch
+    """A tiny synthetic prepared dataset and a Task-1 run with an untrained ID model (and its calibrator)."""
+    from _fakes import calibrated_synth_run
 
-    from segfast.checkpoint import data_fingerprint, save_model, write_run_config
-    from segfast.data.prepared import load_prepared, prepare
-    from segfast.data.synth import synth
-    from segfast.model.config import model_preset
-    from segfast.model.model import SegInterestModel
-
-    root = tmp_path_factory.mktemp("apps")
-    synth("segmm", root / "raw", users=6, videos=40, interactions=1200, seed=2, feature_dim=8, progress=False)
-    prepare("segmm", root / "raw", root / "prep", seed=0, feature_dim=8, progress=False)
-    p = load_prepared(root / "prep")
-    mc = model_preset("small", modality="id", d_model=16, n_heads=2, n_layers=1, d_ff=16).for_data(
-        p.n_users, p.n_videos, None)
-    torch.manual_seed(0)
-    (root / "run").mkdir()
-    write_run_config(root / "run", mc, None, data_fingerprint(p))
-    save_model(root / "run" / "model.safetensors", SegInterestModel(mc))
-    from segfast.calibration import calibrate_run
-
-    calibrate_run(root / "run", root / "prep")  # what segfast train does at the end of a run
-    return root, p
+    return calibrated_synth_run(tmp_path_factory.mktemp("apps"), users=6, videos=40, interactions=1200, seed=2)
 
 
 def _row_pairs(p, rows, path):

@@ -120,27 +120,9 @@ def test_interest_vs_truth_panels(tmp_path, saved):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    import torch
+    from _fakes import calibrated_synth_run
 
-    from segfast.calibration import calibrate_run
-    from segfast.checkpoint import data_fingerprint, save_model, write_run_config
-    from segfast.data.prepared import load_prepared, prepare
-    from segfast.data.synth import synth
-    from segfast.model.config import model_preset
-    from segfast.model.model import SegInterestModel
-
-    root = tmp_path_factory.mktemp("plots")
-    synth("segmm", root / "raw", users=8, videos=30, interactions=1600, seed=3, feature_dim=8, progress=False)
-    prepare("segmm", root / "raw", root / "prep", seed=0, feature_dim=8, progress=False)
-    p = load_prepared(root / "prep")
-    mc = model_preset("small", modality="id", d_model=16, n_heads=2, n_layers=1, d_ff=16).for_data(
-        p.n_users, p.n_videos, None)
-    torch.manual_seed(0)
-    (root / "run").mkdir()
-    write_run_config(root / "run", mc, None, data_fingerprint(p))
-    save_model(root / "run" / "model.safetensors", SegInterestModel(mc))
-    calibrate_run(root / "run", root / "prep")
-    return root, p
+    return calibrated_synth_run(tmp_path_factory.mktemp("plots"), users=8, videos=30, interactions=1600, seed=3)
 
 
 def _brute_force_rows(p, split, max_users, min_segments=3):

@@ -7,7 +7,7 @@ import pytest
 from segfast.model.config import (AUTO_DROPOUT_HIGH, AUTO_DROPOUT_LOW, ConfigError, ModelConfig,
                                   auto_video_id_dropout, model_preset)
 from segfast.priors import single_row_video_share
-from tests._fakes import prepared_world
+from _fakes import prepared_world
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
