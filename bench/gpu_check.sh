@@ -9,7 +9,7 @@
 #   bash bench/gpu_check.sh --smoke [OUTDIR]    # the same pipeline on CPU: Triton interpreter, tiny shapes
 #                                               #   (run by tests/test_gpu_check.py; default OUTDIR under /tmp)
 # Env: PYTHON (default python3), COMMIT (default git HEAD), SHARDS (test processes, default 8),
-#      GPU_TEST_FILES (default the two kernel test files), GPU_TEST_MARK (default "not slow": every kernel test,
+#      GPU_TEST_FILES (default the two kernel test files and the fused-kernel prior test), GPU_TEST_MARK (default "not slow": every kernel test,
 #      those marked gpu first; "gpu" for the GPU-scale tests alone), DEADLINE_S (default 470).
 #
 # Budget (seconds on the GPU machine; limit = hard cut). Kernel builds, counted on CPU with
@@ -83,7 +83,7 @@ else
   # the kernel tests on the compiled path (gpu-marked GPU-scale ones first), in parallel shards: cold compiles
   # dominate (the slow ones are the ahead-of-time compile checks, which need no GPU)
   step tests 140 $PY bench/gpu_tests.py --shards "${SHARDS:-8}" --timeout 130 --device cuda --csv "$out/tests.csv" \
-    --commit "$commit" -- ${GPU_TEST_FILES:-tests/test_kernel_cross_attention.py tests/test_kernel_decoder_loss.py} \
+    --commit "$commit" -- ${GPU_TEST_FILES:-tests/test_kernel_cross_attention.py tests/test_kernel_decoder_loss.py tests/test_priors.py::test_fused_kernel_prior_against_reference} \
     -m "${GPU_TEST_MARK:-not slow}"
   # benchmarks: triton, sdpa, eager, compile in each (torch.compile last: its cold compile is the slowest)
   step bench_attention 60 $(bench bench_attention)
