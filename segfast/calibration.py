@@ -48,7 +48,6 @@ JSON only, never pickle.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Optional, Sequence
 

@@ -365,7 +365,9 @@ def reliability_diagram(section: dict, out_png, title: str = "") -> str:
     (sigmoid of the raw logit) and after (the run's calibrator), with the diagonal of perfect calibration; below,
     the number of observed slots per bin. ``section``: the "calibration" section of ``evaluate_run``."""
     try:
-        rel, before, after = section["reliability"], section["before"], section["after"]
+        rel = section["reliability"]
+        if "before" not in section or "after" not in section:
+            raise KeyError("before/after")
         tables = {"before": rel["before"], "after": rel["after"]}
     except (KeyError, TypeError):
         raise ValueError("section: expected the 'calibration' section of evaluate_run (with 'reliability', "

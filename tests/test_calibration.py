@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -180,11 +179,17 @@ def world(tmp_path_factory):
     return root, p, run
 
 
-def test_run_file_missing_corrupt_and_wrong_checkpoint(world, tmp_path):
+def _uncalibrated_copy(world, tmp_path):
+    """(root, prepared, a copy of the world's run without calibration.json) under tmp_path."""
     root, p, run0 = world
     run = tmp_path / "run"
     shutil.copytree(run0, run)
     (run / C.CALIBRATION_FILE).unlink(missing_ok=True)
+    return root, p, run
+
+
+def test_run_file_missing_corrupt_and_wrong_checkpoint(world, tmp_path):
+    root, p, run = _uncalibrated_copy(world, tmp_path)
     with pytest.raises(C.CalibrationMissingError, match="segfast calibrate --run-dir"):
         C.load_calibrator(run)
     cal = C.calibrate_run(run, root / "p")
@@ -230,10 +235,7 @@ def test_score_probabilities_columns(world, tmp_path):
 
     from segfast.scoring import Scorer
 
-    root, p, run0 = world
-    run = tmp_path / "run"
-    shutil.copytree(run0, run)
-    (run / C.CALIBRATION_FILE).unlink(missing_ok=True)
+    root, p, run = _uncalibrated_copy(world, tmp_path)
     with pytest.raises(C.CalibrationMissingError, match="segfast calibrate"):
         Scorer.from_run(run, root / "p", device="cpu", probabilities=True)
     C.calibrate_run(run, root / "p")
@@ -283,10 +285,7 @@ def _write(table, path):
 def test_evaluate_calibration_section(world, tmp_path):
     from segfast.evaluate import PositionBaseline, evaluate_run, fit_splits_for, split_logits
 
-    root, p, run0 = world
-    run = tmp_path / "run"
-    shutil.copytree(run0, run)
-    (run / C.CALIBRATION_FILE).unlink(missing_ok=True)
+    root, p, run = _uncalibrated_copy(world, tmp_path)
     res = evaluate_run(root / "p", run, split="test", batch_size=16, plots=tmp_path / "plots")
     sec = res["calibration"]
     assert "fitted on dev now" in sec["calibrator"]["source"] and sec["in_sample"] is False
@@ -357,10 +356,7 @@ def test_ray_engine_probabilities(world, tmp_path):
     from segfast.scoring import Scorer
     from segfast.scoring.ray_engine import score_ray
 
-    root, p, run0 = world
-    run = tmp_path / "run"
-    shutil.copytree(run0, run)
-    (run / C.CALIBRATION_FILE).unlink(missing_ok=True)
+    root, p, run = _uncalibrated_copy(world, tmp_path)
     pairs = _write(interaction_pairs(p).slice(0, 120), tmp_path / "pairs.parquet")
     with pytest.raises(C.CalibrationMissingError, match="segfast calibrate"):
         score_ray(run, root / "p", pairs, tmp_path / "refused", probabilities=True)
