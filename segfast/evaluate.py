@@ -647,7 +647,7 @@ def _calibration_section(cal, fitted_on_the_fly: bool, logits, target, n, item_s
 
 def evaluate_run(data_dir, run_dir, split: str = "test", batch_size: int = 1024, device="cpu", seed: int = 0,
                  backend: Optional[str] = None, prepared=None, precision: Optional[str] = None,
-                 calibration: bool = True, plots=None) -> dict:
+                 calibration: bool = True, plots=None, keep_logits: bool = False) -> dict:
     """Evaluate the best checkpoint of ``run_dir`` on ``split`` of the prepared dataset at ``data_dir``.
 
     Returns {"split","rows","metrics":{HR/NDCG, MAE, rows},"cold":{...},"strict":{...},"calibration":{...}}.
@@ -662,7 +662,10 @@ def evaluate_run(data_dir, run_dir, split: str = "test", batch_size: int = 1024,
     logit) and after calibration, the observed keep rate, and the watch-time MAE of the calibrated expectation
     beside the reciprocal-softmax one and ItemPosition's. The run's calibration.json is used when it has one
     for the best checkpoint; otherwise a calibrator is fitted on dev now (the section says so) and nothing is
-    written into the run. ``plots``: a directory to write reliability.png into (needs ``calibration``)."""
+    written into the run. ``plots``: a directory to write reliability.png into (needs ``calibration``).
+    ``keep_logits``: also return the scored rows as ``out["per_row"]`` = {"logits" float32 [R, 40], "target",
+    "n_segments", "row" int64 [R]} (numpy, loader order; the arrays of :func:`split_logits`, from this same
+    pass, so a caller that needs per-row values does not score the split twice)."""
     from segfast import precision as sfprec
     from segfast.checkpoint import check_compatible, load_run
 
@@ -682,7 +685,7 @@ def evaluate_run(data_dir, run_dir, split: str = "test", batch_size: int = 1024,
         kw = {"is_cold": cpu.get("is_cold"), "row_ids": cpu["row"]}
         acc.update(*args, **kw)
         acc_s.update(*args, **kw)
-        if calibration:
+        if calibration or keep_logits:
             kept["logits"].append(logits.numpy())
             for k in ("target", "n_segments", "row"):
                 kept[k].append(np.asarray(cpu[k]).astype(np.int64))
@@ -691,6 +694,9 @@ def evaluate_run(data_dir, run_dir, split: str = "test", batch_size: int = 1024,
         raise ValueError(f"split {split!r}: the loader yielded no rows with target < {S}")
     out = {"split": split, "rows": res["metrics"]["rows"], "metrics": res["metrics"], "cold": res["cold"],
            "strict": acc_s.result()["metrics"], "precision": precision}
+    ev = {k: np.concatenate(v) for k, v in kept.items()} if kept["logits"] else None
+    if keep_logits:
+        out["per_row"] = ev
     if calibration:
         from segfast import calibration as C
 
@@ -703,7 +709,6 @@ def evaluate_run(data_dir, run_dir, split: str = "test", batch_size: int = 1024,
                                    checkpoint=C.checkpoint_digest(run_dir, "best"))
             cal.fitted_on.update({"split": "dev", "precision": d["precision"]})
             fly = True
-        ev = {k: np.concatenate(v) for k, v in kept.items()}
         item = PositionBaseline("ItemPosition").fit(inter, np.flatnonzero(np.isin(_column(inter, "split"),
                                                                                     fit_splits_for(split))))
         out["calibration"] = _calibration_section(cal, fly, ev["logits"], ev["target"], ev["n_segments"],

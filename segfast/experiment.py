@@ -16,8 +16,7 @@ Evaluation
 ----------
 Each seed's best checkpoint is evaluated on ``split`` by :func:`segfast.evaluate.evaluate_run` itself (batch
 size 1024, tie-breaks seeded by (0, interaction row number), no calibration section), so its metrics are
-``segfast evaluate``'s. The per-row values come from the logits of :func:`segfast.evaluate.split_logits` (the
-same scoring loop): HR@K and NDCG@K (K in ``DEFAULT_KS``) from :func:`~segfast.evaluate.target_ranks` and the
+``segfast evaluate``'s. The per-row values come from the logits of that same pass (``keep_logits``): HR@K and NDCG@K (K in ``DEFAULT_KS``) from :func:`~segfast.evaluate.target_ranks` and the
 watch-time absolute error |E - y| from :func:`~segfast.evaluate.expected_leave_slot`, on rows with target < 40;
 their means are the evaluated metrics (checked per seed: "per_row_max_dev", a warning on stderr above 1e-9).
 The baselines (Random, AllPosition, UserPosition, ItemPosition; fitted on train+dev for test, as
@@ -120,15 +119,15 @@ def evaluate_rows(prepared, run_dir, split: str = "test", device="cpu", backend:
                   batch_size: int = EVAL_BATCH_SIZE) -> dict:
     """Evaluate the best checkpoint of ``run_dir`` with :func:`segfast.evaluate.evaluate_run` (the metrics of
     ``segfast evaluate``, without its calibration section) and keep per-row values computed from the logits of
-    :func:`segfast.evaluate.split_logits` (the same scoring loop). Returns {"result": evaluate_run's dict,
-    "rows": int64 [R] ascending, "values": {metric: [R]}, "per_row_max_dev": max |mean of the per-row values -
-    evaluate_run's metric| (0 up to float rounding; a GPU whose kernels are not deterministic may differ)}."""
-    from segfast.evaluate import evaluate_run, split_logits
+    that same scoring pass (``keep_logits``). Returns {"result": evaluate_run's dict, "rows": int64 [R]
+    ascending, "values": {metric: [R]}, "per_row_max_dev": max |mean of the per-row values - evaluate_run's
+    metric| (0 up to float rounding: the per-row formulas against the accumulator's)}."""
+    from segfast.evaluate import evaluate_run
 
     result = evaluate_run(None, run_dir, split=split, batch_size=batch_size, device=device, seed=seed,
-                          backend=backend, prepared=prepared, precision=precision, calibration=False)
-    lg = split_logits(None, run_dir, split=split, which="best", batch_size=batch_size, device=device,
-                      precision=precision, backend=backend, prepared=prepared)
+                          backend=backend, prepared=prepared, precision=precision, calibration=False,
+                          keep_logits=True)
+    lg = result.pop("per_row")
     order = np.argsort(lg["row"], kind="stable")
     rows = np.asarray(lg["row"], dtype=np.int64)[order]
     values = _rows_values(np.asarray(lg["logits"])[order], np.asarray(lg["target"], dtype=np.int64)[order],
@@ -368,8 +367,8 @@ def run_experiment(data_dir, out_dir, model_config, train_config, seeds: int, se
         values.append(ev["values"])
         if ev["per_row_max_dev"] > 1e-9:
             _log(True, f"segfast experiment: warning: seed {k}: the per-row values average to within "
-                       f"{ev['per_row_max_dev']:.2e} of segfast evaluate's metrics (two scoring passes differ: "
-                       "non-deterministic kernels?); the CIs use the per-row values, the tables the metrics")
+                       f"{ev['per_row_max_dev']:.2e} of segfast evaluate's metrics (the per-row formulas disagree "
+                       "with the accumulator's); the CIs use the per-row values, the tables the metrics")
         res = ev["result"]
         per_seed.append({"seed": k, "run_dir": str(rd), "status": status, "stopped": summary.get("stopped"),
                          "step": summary.get("step"), "best_step": summary.get("best_step"),
