@@ -170,10 +170,11 @@ def survival(keep, n) -> np.ndarray:
     return out
 
 
-def leave_distribution(keep, n) -> np.ndarray:
-    """float64 [R, 41]: P(leave at i) = S(i) (1 - keep_i) for i < N, P(N) = S(N) (watched to the end), 0 beyond."""
+def leave_distribution(keep, n, surv: Optional[np.ndarray] = None) -> np.ndarray:
+    """float64 [R, 41]: P(leave at i) = S(i) (1 - keep_i) for i < N, P(N) = S(N) (watched to the end), 0 beyond.
+    ``surv``: :func:`survival` of the same (keep, n) when the caller has it already (the scorer does)."""
     k, n, real = _check_keep(keep, n)
-    S = survival(k, n)
+    S = survival(k, n) if surv is None else surv
     R = k.shape[0]
     kp = np.zeros((R, MAX_SLOTS + 1))
     kp[:, :k.shape[1]] = np.where(real, k, 0.0)

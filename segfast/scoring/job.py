@@ -126,7 +126,7 @@ class Job:
             sreal = np.arange(surv.shape[1])[None, :] <= n[:, None]
             sdst = (ctx["offsets"][sel] + sel)[:, None] + np.arange(surv.shape[1])[None, :]
             ctx["surv_values"][sdst[sreal]] = surv[sreal]
-            leave = cal.leave_distribution(keep, n)
+            leave = cal.leave_distribution(keep, n, surv)
             ctx["cal_expect"][sel] = leave @ np.arange(leave.shape[1], dtype=np.float64)
             ctx["ml_leave"][sel] = leave.argmax(axis=1)
 
