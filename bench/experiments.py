@@ -29,10 +29,9 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_SAMPLE = Path(os.environ.get("SEGFAST_SEGMM_SAMPLE",
                                      HERE.parents[0] / ".." / "shared" / "data" / "SegMM_inter_sample.csv"))
 
-DEMO = ["--modality", "both", "--set", "max_user_tokens=32", "--set", "dropout=0.0", "--batch-size", "128",
-        "--lr", "5e-3", "--set", "lr_schedule=cosine", "--set", "warmup_steps=20", "--epochs", "3",
-        "--eval-every", "70", "--patience", "10"]
-ID = ["--modality", "id", "--batch-size", "128", "--lr", "3e-3", "--epochs", "8", "--set", "lr_schedule=cosine"]
+sys.path.insert(0, str(HERE))
+# the demo's training options and the sample's ID options, as the other doc tables use them
+from doc_tables import DEMO_TRAIN as DEMO, SAMPLE_TRAIN as ID  # noqa: E402
 DATASETS = {"demo": DEMO, "kr": ID, "sample": ID}
 # what video_id_dropout="auto" resolves to on each data set (share of training rows on single-row videos:
 # demo 0.008, kr 0.135, sample 0.875; segfast.model.config.auto_video_id_dropout): the default model's rate
@@ -97,7 +96,6 @@ def main(argv=None) -> int:
     p.add_argument("--datasets", nargs="+", choices=list(DATASETS), default=list(DATASETS))
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     a = p.parse_args(argv)
-    sys.path.insert(0, str(HERE))
     import experiment_table
 
     tables = ["dropout", "priors"] if a.table == "all" else [a.table]
